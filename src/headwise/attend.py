@@ -1,0 +1,129 @@
+"""``attend``: one entry point for every attention variant, with automatic backend choice."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from headwise.errors import HeadwiseError, bad_argument
+from headwise.kernels.base import AttentionOutput, Request
+from headwise.kernels.registry import choose
+from headwise.masks import Mask, MaskFn, as_mask
+from headwise.scores import Score, ScoreFn, as_score
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | MaskFn | Tensor | None = None,
+    score: Score | ScoreFn | Sequence[Score | ScoreFn] | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    need_stats: bool = False,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> AttentionOutput:
+    """Multi-head attention ``softmax(scale * q k^T + modifications, masked) @ v``.
+
+    Shape legend::
+
+        q   (B, Hq, L, E)      B batch, Hq query heads, L queries, E query/key dim
+        k   (B, Hkv, S, E)     Hkv key/value heads with Hq % Hkv == 0, S keys
+        v   (B, Hkv, S, Ev)    Ev value dim
+        out (B, Hq, L, Ev)     weights (B, Hq, L, S), lse and stats (B, Hq, L)
+
+    Hkv < Hq is grouped-query attention (query head h reads key/value head h // (Hq/Hkv)),
+    Hkv == 1 is multi-query attention; neither copies k or v (except in the reference).
+    S != L is cross attention; positional masks then align queries to the end of the keys.
+
+    Args:
+        mask: a :class:`~headwise.masks.Mask` (``causal``, ``sliding_window(w)``, ...), a
+            function ``(b, h, q_idx, kv_idx) -> bool`` or a bool tensor broadcastable to
+            (B, Hq, L, S); True means "may attend". A row with nothing to attend to gives
+            output 0, weights 0, entropy 0 and lse -inf, never NaN.
+        score: a :class:`~headwise.scores.Score` (``alibi``, ``softcap``, ``temperature``,
+            ``poincare``), a function ``(s, b, h, q_idx, kv_idx) -> s``, or a list of them.
+        scale: multiplies the similarity; default ``1/sqrt(E)`` (1 for ``poincare``).
+        dropout_p: dropout on the attention weights, applied whenever > 0 (pass 0 in
+            eval mode). Returned weights are those before dropout.
+        need_weights: also return the (B, Hq, L, S) weights (materialises them).
+        need_stats: also return per-row entropy and max weight, computed while streaming.
+        backend: "auto" (cheapest backend that serves the call), "reference", "tiled",
+            "sdpa" or "flex". ``AttentionOutput.backend`` says which ran.
+        check_finite: raise :class:`HeadwiseError` if q, k or v hold NaN or Inf (one pass
+            over the inputs; turn off to let non-finite values propagate as in torch).
+
+    Example::
+
+        >>> import torch
+        >>> from headwise import attend, sliding_window
+        >>> q = torch.randn(2, 8, 128, 64)
+        >>> k = v = torch.randn(2, 2, 128, 64)          # GQA: 8 query heads, 2 kv heads
+        >>> res = attend(q, k, v, mask=sliding_window(16), need_stats=True)
+        >>> res.out.shape, res.stats.entropy.shape, res.backend
+        (torch.Size([2, 8, 128, 64]), torch.Size([2, 8, 128]), 'tiled')
+    """
+    req = make_request(q, k, v, mask, score, scale, dropout_p, need_weights, need_stats, check_finite)
+    if not isinstance(backend, str):
+        raise bad_argument("backend", "a backend name (str)", type(backend).__name__)
+    return choose(req, backend).run(req)
+
+
+def make_request(q, k, v, mask, score, scale, dropout_p, need_weights, need_stats, check_finite=True) -> Request:
+    """Validate ``attend``'s arguments and bundle them (shared with benchmarks and tests)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise bad_argument(name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 4:
+            want = "(B, Hq, L, E)" if name == "q" else "(B, Hkv, S, E)" if name == "k" else "(B, Hkv, S, Ev)"
+            raise bad_argument(name, f"a 4-d tensor {want}", f"shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise bad_argument(name, "a floating-point tensor", t.dtype)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise bad_argument("k, v", f"the dtype of q ({q.dtype})", f"k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise bad_argument("k, v", f"the device of q ({q.device})", f"k on {k.device}, v on {v.device}")
+    B, Hq, L, E = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise bad_argument("k, v", f"batch size {B} (as q)", f"k {k.shape[0]}, v {v.shape[0]}")
+    Hkv, S = k.shape[1], k.shape[2]
+    if k.shape[3] != E:
+        raise bad_argument("k", f"last dim E = {E} (as q)", k.shape[3])
+    if v.shape[1] != Hkv or v.shape[2] != S:
+        raise bad_argument("v", f"(B, Hkv, S) = {(B, Hkv, S)} as k", tuple(v.shape[:3]))
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise bad_argument("k", f"a number of heads dividing Hq = {Hq}", Hkv)
+    if min(L, S, E, v.shape[3], B, Hq) == 0:
+        raise bad_argument(
+            "q, k, v", "non-empty dimensions", f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise bad_argument(name, "finite values (check_finite=True)", "NaN or Inf entries")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise bad_argument("dropout_p", "a number in [0, 1)", repr(dropout_p))
+    for name, flag in (("need_weights", need_weights), ("need_stats", need_stats)):
+        if not isinstance(flag, bool):
+            raise bad_argument(name, "a bool", repr(flag))
+
+    mask_obj = as_mask(mask) if mask is not None else None
+    if mask_obj is not None:
+        mask_obj.validate(B, Hq, L, S, q.device)
+    score_obj = as_score(score)
+    if score_obj is not None:
+        score_obj.validate(Hq)
+    if scale is None:
+        scale = score_obj.default_scale(E) if score_obj is not None else 1.0 / math.sqrt(E)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise bad_argument("scale", "a finite number > 0", repr(scale))
+    return Request(q, k, v, mask_obj, score_obj, float(scale), float(dropout_p), need_weights, need_stats)
+
+
+__all__ = ["attend", "make_request", "AttentionOutput", "HeadwiseError"]

@@ -1,0 +1,102 @@
+"""What every backend receives and returns, and the interface it implements.
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0, G = Hq / Hkv
+query heads share one key/value head), L queries, S keys, E query/key dim, Ev value dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from headwise.masks import Mask
+from headwise.scores import Score
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Per query row statistics of the attention distribution, each (B, Hq, L).
+
+    ``entropy`` in nats; ``max_weight`` the largest weight of the row. A row that can
+    attend to nothing has entropy 0 and max weight 0.
+    """
+
+    entropy: Tensor
+    max_weight: Tensor
+
+
+@dataclass(frozen=True)
+class AttentionOutput:
+    """Result of :func:`headwise.attend`.
+
+    out (B, Hq, L, Ev); weights (B, Hq, L, S) or None; stats or None; lse (B, Hq, L)
+    log-sum-exp of each row's logits (-inf for a row with nothing to attend to), or None
+    when the backend does not produce it; backend: the name of the backend that ran.
+    """
+
+    out: Tensor
+    weights: Tensor | None
+    stats: AttentionStats | None
+    lse: Tensor | None
+    backend: str
+
+
+@dataclass
+class Request:
+    """A validated attention call, as every backend sees it."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Mask | None
+    score: Score | None
+    scale: float
+    dropout_p: float
+    need_weights: bool
+    need_stats: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int, int]:
+        """(B, Hq, Hkv, L, S, E, Ev)."""
+        B, Hq, L, E = self.q.shape
+        return B, Hq, self.k.shape[1], L, self.k.shape[2], E, self.v.shape[3]
+
+    @property
+    def needs_grad(self) -> bool:
+        """True when autograd will need a backward through this call."""
+        if not torch.is_grad_enabled():
+            return False
+        params = self.score.parameters() if self.score is not None else ()
+        return any(t.requires_grad for t in (self.q, self.k, self.v, *params))
+
+
+class Backend:
+    """A way to compute attention. Subclasses declare what they support.
+
+    ``refusals`` lists every reason the backend cannot serve a request (empty: it can);
+    ``cost`` estimates the run time in arbitrary but shared units, so that ``auto`` can
+    pick the cheapest backend that serves the request.
+    """
+
+    name: str = "?"
+    #: One line for the backend table in the docs.
+    summary: str = ""
+    #: Capabilities for the docs table: feature -> "yes" / "no" / a short note.
+    capabilities: dict[str, str] = {}
+
+    def refusals(self, req: Request) -> list[str]:
+        raise NotImplementedError
+
+    def cost(self, req: Request) -> float:
+        raise NotImplementedError
+
+    def run(self, req: Request) -> AttentionOutput:
+        raise NotImplementedError
+
+
+def attention_flops(req: Request, density: float = 1.0) -> float:
+    """Multiply-adds of QK^T and AV over the attended fraction ``density`` of L x S."""
+    B, Hq, _, L, S, E, Ev = req.shape
+    return 2.0 * B * Hq * L * S * (E + Ev) * density

@@ -1,0 +1,131 @@
+"""torch FlexAttention (compiled) as a headwise backend.
+
+FlexAttention turns a mask function into a block-sparse ``BlockMask`` and skips empty
+blocks, like the tiled kernel, but as one compiled kernel: on CPU it is the fastest way to
+run sliding-window inference (shared/DESIGN.md, anchors). It has limits the registry
+states: on CPU it cannot run backward and cannot return the log-sum-exp, every new shape
+or mask costs a compile of a few seconds, and head dims must be powers of two >= 16.
+Compiled block masks are cached per (mask, B, H, L, S, device).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
+from headwise.masks import classify_blocks
+
+_SECONDS_PER_FLOP = 1 / 130e9
+_SECONDS_PER_CALL = 3e-4
+_BLOCK = 128
+_CACHE_SIZE = 32
+_block_masks: OrderedDict = OrderedDict()
+_compiled = None
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flex_fn():
+    global _compiled
+    if _compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def _block_mask(req: Request):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, Hq, Hkv, L, S, E, Ev = req.shape
+    mask = req.mask
+    key = (mask.cache_key(), B, Hq, L, S, str(req.q.device))
+    if key in _block_masks:
+        _block_masks.move_to_end(key)
+        return _block_masks[key][0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask.evaluate(b, h, q_idx, kv_idx, L, S)
+
+    bm = create_block_mask(mask_mod, B, Hq, L, S, device=req.q.device, BLOCK_SIZE=_BLOCK)
+    _block_masks[key] = (bm, mask)  # keep the mask alive so its id-based key stays unique
+    if len(_block_masks) > _CACHE_SIZE:
+        _block_masks.popitem(last=False)
+    return bm
+
+
+def _density(req: Request) -> float:
+    B, Hq, Hkv, L, S, E, Ev = req.shape
+    if req.mask is None:
+        return 1.0
+    kinds = classify_blocks(req.mask, B, Hq, L, S, _BLOCK, _BLOCK, req.q.device)
+    n_q, n_k = kinds.shape
+    return float((kinds > 0).sum()) / (n_q * n_k)
+
+
+class FlexBackend(Backend):
+    name = "flex"
+    summary = "torch FlexAttention, compiled; block-sparse masks; forward only on CPU"
+    capabilities = {
+        "masks": "all (BlockMask, empty blocks skipped)",
+        "scores": "all but similarity replacements (poincare)",
+        "GQA/MQA": "yes (enable_gqa)",
+        "need_weights": "no",
+        "need_stats": "no",
+        "lse": "no",
+        "dropout": "no",
+        "backward": "CUDA only",
+        "devices": "CPU (compiled, inference), CUDA",
+    }
+
+    def refusals(self, req: Request) -> list[str]:
+        B, Hq, Hkv, L, S, E, Ev = req.shape
+        reasons = []
+        if not flex_available():
+            reasons.append("this torch has no FlexAttention")
+        if req.need_weights or req.need_stats:
+            reasons.append("FlexAttention returns neither weights nor per-row statistics")
+        if req.dropout_p > 0:
+            reasons.append("FlexAttention has no dropout (dropout_p > 0)")
+        if req.score is not None and req.score.replaces_similarity:
+            reasons.append(f"FlexAttention cannot replace the dot product ({req.score!r})")
+        if req.q.device.type == "cpu" and req.needs_grad:
+            reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
+        if req.q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            reasons.append(f"FlexAttention's compiled kernel needs float32/bfloat16/float16, not {req.q.dtype}")
+        for name, d in (("E", E), ("Ev", Ev)):
+            if d < 16 or d & (d - 1):
+                reasons.append(f"FlexAttention needs head dims that are powers of two >= 16 ({name} = {d})")
+        return reasons
+
+    def cost(self, req: Request) -> float:
+        return attention_flops(req, _density(req)) * _SECONDS_PER_FLOP + _SECONDS_PER_CALL
+
+    def run(self, req: Request) -> AttentionOutput:
+        B, Hq, Hkv, L, S, E, Ev = req.shape
+        block_mask = _block_mask(req) if req.mask is not None else None
+        score_mod = None
+        if req.score is not None:
+            score = req.score
+
+            def score_mod(s, b, h, q_idx, kv_idx):
+                return score.modify(s, b, h, q_idx + (S - L), kv_idx)
+
+        out = _flex_fn()(
+            req.q,
+            req.k,
+            req.v,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=req.scale,
+            enable_gqa=Hq != Hkv,
+        )
+        return AttentionOutput(out=out, weights=None, stats=None, lse=None, backend="flex")

@@ -1,0 +1,121 @@
+"""torch's fused ``scaled_dot_product_attention`` as a headwise backend.
+
+On CPU its flash kernel reaches about 85% of matmul peak for plain and causal attention
+(shared/DESIGN.md, anchors), so ``auto`` sends those requests here. Any other mask is
+handed over as a dense (B|1, H|1, L, S) boolean tensor: correct, but it costs O(L * S)
+memory and computes every block, which is why ``auto`` prefers the tiled kernel for
+sparse masks. ALiBi becomes a dense float bias and a temperature is folded into the scale;
+other scores are refused. Rows that can attend to nothing are given one dummy key and then
+zeroed, so they come out as 0 (not NaN) with zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
+from headwise.masks import causal, grid_indices
+from headwise.scores import ScoreChain, _Alibi, _Temperature
+
+_SECONDS_PER_FLOP = 1 / 190e9
+_SECONDS_PER_MASK_ELEMENT = 2.2e-9
+
+
+def _score_parts(req: Request):
+    """(temperature factor, alibi score or None), or None when a score is unsupported."""
+    if req.score is None:
+        return 1.0, None
+    parts = req.score.scores if isinstance(req.score, ScoreChain) else (req.score,)
+    factor, alibi_part = 1.0, None
+    for i, part in enumerate(parts):
+        if isinstance(part, _Temperature):
+            if alibi_part is not None:
+                return None  # temperature after alibi would also scale the bias
+            factor /= part.t
+        elif isinstance(part, _Alibi) and alibi_part is None:
+            alibi_part = part
+        else:
+            return None
+    return factor, alibi_part
+
+
+def _plain_causal(req: Request) -> bool:
+    B, Hq, Hkv, L, S, E, Ev = req.shape
+    return req.mask is causal and L == S
+
+
+class SdpaBackend(Backend):
+    name = "sdpa"
+    summary = "torch.nn.functional.scaled_dot_product_attention (fused flash kernel on CPU)"
+    capabilities = {
+        "masks": "none / causal natively; others as a dense L x S bool mask",
+        "scores": "temperature, alibi (dense bias)",
+        "GQA/MQA": "yes (enable_gqa)",
+        "need_weights": "no",
+        "need_stats": "no",
+        "lse": "no",
+        "dropout": "yes (falls to the math kernel)",
+        "backward": "yes",
+        "devices": "any",
+    }
+
+    def refusals(self, req: Request) -> list[str]:
+        reasons = []
+        if req.need_weights:
+            reasons.append("SDPA does not return attention weights (need_weights=True)")
+        if req.need_stats:
+            reasons.append("SDPA cannot compute per-row statistics (need_stats=True)")
+        if _score_parts(req) is None:
+            reasons.append(f"SDPA supports only temperature and alibi scores, not {req.score!r}")
+        return reasons
+
+    def cost(self, req: Request) -> float:
+        B, Hq, Hkv, L, S, E, Ev = req.shape
+        if req.mask is None:
+            t = attention_flops(req) * _SECONDS_PER_FLOP
+        elif _plain_causal(req):
+            t = attention_flops(req, 0.5) * _SECONDS_PER_FLOP
+        else:
+            t = attention_flops(req) * _SECONDS_PER_FLOP + _SECONDS_PER_MASK_ELEMENT * B * Hq * L * S
+        if req.dropout_p > 0:
+            t *= 8.0  # dropout forces the unfused math kernel
+        if req.needs_grad:
+            t *= 3.5
+        return t
+
+    def run(self, req: Request) -> AttentionOutput:
+        q, k, v = req.q, req.k, req.v
+        B, Hq, Hkv, L, S, E, Ev = req.shape
+        factor, alibi_part = _score_parts(req)
+        attn_mask, is_causal, empty_rows = None, False, None
+        if req.mask is not None and not (_plain_causal(req) and alibi_part is None):
+            b, h, qi, ki = grid_indices(B, Hq, L, S, q.device)
+            allowed = req.mask.evaluate(b, h, qi, ki, L, S)
+            empty_rows = ~allowed.any(dim=-1, keepdim=True)
+            if bool(empty_rows.any()):
+                # One dummy key keeps the softmax finite; the row is zeroed afterwards.
+                allowed = allowed | (empty_rows & (ki == 0))
+            else:
+                empty_rows = None
+            attn_mask = allowed
+        elif req.mask is not None:
+            is_causal = True
+        if alibi_part is not None:
+            b, h, qi, ki = grid_indices(B, Hq, L, S, q.device)
+            bias = alibi_part.modify(torch.zeros((), dtype=q.dtype, device=q.device), b, h, qi + (S - L), ki)
+            bias = bias.expand(B if attn_mask is not None and attn_mask.shape[0] > 1 else 1, Hq, L, S)
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=req.dropout_p,
+            is_causal=is_causal,
+            scale=req.scale * factor,
+            enable_gqa=Hq != Hkv,
+        )
+        if empty_rows is not None:
+            out = out.masked_fill(empty_rows.expand(B, Hq, L, 1), 0.0)
+        return AttentionOutput(out=out, weights=None, stats=None, lse=None, backend="sdpa")

@@ -1,0 +1,340 @@
+"""Tiled online-softmax attention ("flash" style) in plain torch ops.
+
+Queries are cut into blocks of ``block_q`` rows and keys into blocks of ``block_k``. For
+each query block the kernel visits only the key blocks the mask can reach (EMPTY blocks
+are skipped, FULL blocks need no element mask), keeping a running row max ``m``, a running
+sum ``l`` of ``exp(s - m)`` and the running output, rescaled whenever ``m`` grows. Memory
+is O(block_q * block_k) per head for the logits, never O(L * S).
+
+Streaming statistics come from the same pass. With ``p_j = exp(s_j - m)`` and
+``l = sum p_j``, the entropy of the row is ``log l - sum(p_j (s_j - m)) / l`` and its
+largest weight is ``1 / l``; the sum is rescaled like the output when ``m`` changes.
+For the plain dot product ``sum p_j s_j = scale * q . (sum p_j k_j)``, so the kernel
+accumulates ``p @ k`` next to ``p @ v`` (a matmul instead of an elementwise log).
+
+The backward pass (FlashAttention-2) recomputes each block's probabilities from the saved
+log-sum-exp instead of storing them: ``dS = P * (dP - rowsum(dO * O))``. Score
+modifications are differentiated by running autograd on the recomputed block.
+
+GQA folds the G query heads that share a key/value head into the rows of one matmul, so
+k and v are never repeated. Half-precision inputs are computed in float32.
+
+Shape legend: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), G = Hq / Hkv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request
+from headwise.masks import EMPTY, FULL, Mask, classify_blocks
+from headwise.scores import Score
+
+# Seconds per multiply-add of a tile and per visited block, fitted to this kernel on the
+# 2-core reference machine (benchmarks/results/kernels.md); only ratios matter to `auto`.
+_SECONDS_PER_FLOP = 1 / 140e9
+_SECONDS_PER_BLOCK = 1.2e-4
+_BLOCK_CHOICES = (256, 128, 64)
+
+
+@dataclass
+class TiledPlan:
+    """Which key blocks each query block visits, and whether they need an element mask."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    L: int
+    S: int
+    block_q: int
+    block_k: int
+    visits: list[list[tuple[int, bool]]]  # per query block: (key block, is_partial)
+    mask: Mask | None
+    score: Score | None
+    scale: float
+
+    @property
+    def G(self) -> int:
+        return self.Hq // self.Hkv
+
+    def n_visits(self) -> int:
+        return sum(len(v) for v in self.visits)
+
+
+def make_plan(req: Request, block_q: int | None = None, block_k: int | None = None) -> TiledPlan:
+    """Classify blocks and pick the block size with the lowest estimated time."""
+    B, Hq, Hkv, L, S, E, Ev = req.shape
+    if block_q is not None or block_k is not None:
+        choices = [(block_q or 256, block_k or block_q or 256)]
+    elif req.mask is None:
+        choices = [(256, 256)]
+    else:
+        choices = [(b, b) for b in _BLOCK_CHOICES]
+    best = None
+    for bq, bk in choices:
+        plan = _plan_for(req, bq, bk)
+        per_block = 2.0 * B * Hq * bq * bk * (E + Ev) * _SECONDS_PER_FLOP + _SECONDS_PER_BLOCK
+        t = plan.n_visits() * per_block
+        if best is None or t < best[0]:
+            best = (t, plan)
+    return best[1]
+
+
+def _plan_for(req: Request, bq: int, bk: int) -> TiledPlan:
+    B, Hq, Hkv, L, S, _, _ = req.shape
+    nq, nk = -(-L // bq), -(-S // bk)
+    if req.mask is None:
+        visits = [[(j, False) for j in range(nk)] for _ in range(nq)]
+    else:
+        # Head index matters only for per-head masks; evaluating all Hq heads keeps it exact.
+        kinds = classify_blocks(req.mask, B, Hq, L, S, bq, bk, req.q.device).tolist()
+        visits = [[(j, kind != FULL) for j, kind in enumerate(row) if kind != EMPTY] for row in kinds]
+    return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale)
+
+
+def estimate_seconds(req: Request) -> float:
+    B, Hq, _, _, _, E, Ev = req.shape
+    plan = make_plan(req)
+    per_block = 2.0 * B * Hq * plan.block_q * plan.block_k * (E + Ev) * _SECONDS_PER_FLOP + _SECONDS_PER_BLOCK
+    return plan.n_visits() * per_block * (3.5 if req.needs_grad else 1.0)
+
+
+class _Blocks:
+    """Index tensors and block logits for one plan (shared by forward and backward)."""
+
+    def __init__(self, plan: TiledPlan, device: torch.device):
+        self.plan = plan
+        B, Hkv, G = plan.B, plan.Hkv, plan.G
+        self.b = torch.arange(B, device=device).view(B, 1, 1, 1, 1)
+        self.h = torch.arange(plan.Hq, device=device).view(1, Hkv, G, 1, 1)
+        self.device = device
+
+    def logits(self, qb: Tensor, kb: Tensor, qs: int, ks: int, partial: bool) -> Tensor:
+        """Logits of one tile, (B, Hkv, G*n, m), with score modifications and mask."""
+        p = self.plan
+        B, Hkv, G = p.B, p.Hkv, p.G
+        n, m = qb.shape[2] // G, kb.shape[2]
+        if p.score is None:
+            s = torch.matmul(qb, kb.transpose(-1, -2))
+            s.mul_(p.scale)
+        else:
+            s = p.score.similarity(qb, kb) * p.scale
+        s5 = s.view(B, Hkv, G, n, m)
+        if p.score is not None or partial:
+            qi = torch.arange(qs, qs + n, device=self.device).view(1, 1, 1, n, 1)
+            ki = torch.arange(ks, ks + m, device=self.device).view(1, 1, 1, 1, m)
+            if p.score is not None:
+                s5 = p.score.modify(s5, self.b, self.h, qi + (p.S - p.L), ki).expand(B, Hkv, G, n, m)
+            if partial:
+                allowed = p.mask.evaluate(self.b, self.h, qi, ki, p.L, p.S)
+                s5 = s5.masked_fill(~allowed, float("-inf"))
+            s = s5.reshape(B, Hkv, G * n, m)
+        return s
+
+
+def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats: bool):
+    B, Hq, Hkv, L, S, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.G
+    E, Ev = q.shape[-1], v.shape[-1]
+    blocks = _Blocks(plan, q.device)
+    q5 = q.view(B, Hkv, G, L, E)
+    out = q.new_zeros(B, Hkv, G, L, Ev)
+    lse = q.new_full((B, Hkv, G, L), float("-inf"))
+    entropy = q.new_zeros(B, Hkv, G, L) if need_stats else None
+    max_w = q.new_zeros(B, Hkv, G, L) if need_stats else None
+    # For plain dot products sum(p * s) comes from one more matmul (see module docstring).
+    stats_by_matmul = need_stats and plan.score is None
+    neg_inf = float("-inf")
+    for iq, visits in enumerate(plan.visits):
+        if not visits:
+            continue
+        qs = iq * plan.block_q
+        n = min(plan.block_q, L - qs)
+        qb = q5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, E)
+        m_run = q.new_full((B, Hkv, G * n, 1), neg_inf)
+        l_run = q.new_zeros(B, Hkv, G * n, 1)
+        acc = q.new_zeros(B, Hkv, G * n, Ev)
+        acc_k = q.new_zeros(B, Hkv, G * n, E) if stats_by_matmul else None
+        ps = q.new_zeros(B, Hkv, G * n, 1) if need_stats and not stats_by_matmul else None
+        for jk, partial in visits:
+            ks = jk * plan.block_k
+            kb, vb = k[:, :, ks : ks + plan.block_k], v[:, :, ks : ks + plan.block_k]
+            s = blocks.logits(qb, kb, qs, ks, partial)
+            m_new = torch.maximum(m_run, s.amax(dim=-1, keepdim=True))
+            # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead.
+            m_safe = torch.where(m_new == neg_inf, 0.0, m_new)
+            alpha = torch.exp(m_run - m_safe)
+            p = s.sub_(m_safe).exp_()
+            if ps is not None:
+                shift = torch.where(l_run > 0, (m_run - m_safe) * l_run, 0.0)
+                ps = alpha * (ps + shift) + torch.special.xlogy(p, p).sum(dim=-1, keepdim=True)
+            l_run.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            acc.mul_(alpha)
+            acc.add_(torch.matmul(p, vb))
+            if acc_k is not None:
+                acc_k.mul_(alpha).add_(torch.matmul(p, kb))
+            m_run = m_new
+        has = l_run > 0
+        l_safe = torch.where(has, l_run, 1.0)
+        out[:, :, :, qs : qs + n] = (acc / l_safe).view(B, Hkv, G, n, Ev)
+        lse[:, :, :, qs : qs + n] = torch.where(has, m_run + torch.log(l_safe), neg_inf).view(B, Hkv, G, n)
+        if need_stats:
+            if stats_by_matmul:
+                mean_s = plan.scale * (qb * acc_k).sum(dim=-1, keepdim=True) / l_safe
+                ent = torch.log(l_safe) + m_run - mean_s
+            else:
+                ent = torch.log(l_safe) - ps / l_safe
+            entropy[:, :, :, qs : qs + n] = torch.where(has, ent.clamp_min(0.0), 0.0).view(B, Hkv, G, n)
+            max_w[:, :, :, qs : qs + n] = torch.where(has, 1.0 / l_safe, 0.0).view(B, Hkv, G, n)
+    return out.view(B, Hq, L, Ev), lse.view(B, Hq, L), entropy, max_w
+
+
+def _tiled_backward(plan, q, k, v, out, lse, dout, params):
+    B, Hq, Hkv, L, S, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.G
+    E, Ev = q.shape[-1], v.shape[-1]
+    blocks = _Blocks(plan, q.device)
+    q5, do5 = q.view(B, Hkv, G, L, E), dout.view(B, Hkv, G, L, Ev)
+    # Rows with nothing to attend to have lse = -inf; +inf makes their probabilities 0.
+    lse5 = torch.where(lse == float("-inf"), float("inf"), lse).view(B, Hkv, G, L)
+    delta5 = (dout * out).sum(dim=-1).view(B, Hkv, G, L)
+    dq = torch.zeros_like(q5)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dparams = [torch.zeros_like(p) for p in params]
+    generic = plan.score is not None
+    for iq, visits in enumerate(plan.visits):
+        if not visits:
+            continue
+        qs = iq * plan.block_q
+        n = min(plan.block_q, L - qs)
+        qb = q5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, E)
+        dob = do5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, Ev)
+        lse_b = lse5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, 1)
+        delta_b = delta5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, 1)
+        dqb = torch.zeros_like(qb)
+        for jk, partial in visits:
+            ks = jk * plan.block_k
+            ke = min(S, ks + plan.block_k)
+            kb, vb = k[:, :, ks:ke], v[:, :, ks:ke]
+            if generic:
+                with torch.enable_grad():
+                    qg, kg = qb.detach().requires_grad_(), kb.detach().requires_grad_()
+                    s = blocks.logits(qg, kg, qs, ks, partial)
+                p = torch.exp(s.detach() - lse_b)
+            else:
+                p = blocks.logits(qb, kb, qs, ks, partial).sub_(lse_b).exp_()
+            dv[:, :, ks:ke] += torch.matmul(p.transpose(-1, -2), dob)
+            ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)
+            if generic:
+                grads = torch.autograd.grad(s, (qg, kg, *params), ds, allow_unused=True)
+                dqb += grads[0]
+                dk[:, :, ks:ke] += grads[1]
+                for acc, g in zip(dparams, grads[2:]):
+                    if g is not None:
+                        acc += g
+            else:
+                dqb += torch.matmul(ds, kb).mul_(plan.scale)
+                dk[:, :, ks:ke] += torch.matmul(ds.transpose(-1, -2), qb).mul_(plan.scale)
+        dq[:, :, :, qs : qs + n] = dqb.view(B, Hkv, G, n, E)
+    return dq.view(B, Hq, L, E), dk, dv, dparams
+
+
+class _TiledFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: TiledPlan, need_stats: bool, q: Tensor, k: Tensor, v: Tensor, *params: Tensor):
+        out, lse, entropy, max_w = _tiled_forward(plan, q, k, v, need_stats)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, *params)
+        empty = q.new_zeros(0)
+        ent = empty if entropy is None else entropy.view(lse.shape)
+        mw = empty if max_w is None else max_w.view(lse.shape)
+        ctx.mark_non_differentiable(lse, ent, mw)
+        return out, lse, ent, mw
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dent, _dmw):
+        q, k, v, out, lse, *params = ctx.saved_tensors
+        live = [p.detach().requires_grad_() for p in params]
+        plan = ctx.plan
+        if live:
+            plan = _with_params(plan, params, live)
+        dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout.contiguous(), tuple(live))
+        return (None, None, dq, dk, dv, *dparams)
+
+
+def _with_params(plan: TiledPlan, old: list[Tensor], new: list[Tensor]) -> TiledPlan:
+    """A copy of the plan whose score uses ``new`` parameter tensors in place of ``old``."""
+    import copy
+
+    score = copy.copy(plan.score)
+    swap = {id(o): nw for o, nw in zip(old, new)}
+    _swap_tensors(score, swap)
+    clone = copy.copy(plan)
+    clone.score = score
+    return clone
+
+
+def _swap_tensors(obj: object, swap: dict[int, Tensor]) -> None:
+    """Replace parameter tensors inside a (possibly chained) score, copying sub-scores."""
+    import copy
+
+    for name, value in list(vars(obj).items()):
+        if isinstance(value, Tensor) and id(value) in swap:
+            setattr(obj, name, swap[id(value)])
+        elif isinstance(value, Score):
+            sub = copy.copy(value)
+            _swap_tensors(sub, swap)
+            setattr(obj, name, sub)
+        elif isinstance(value, tuple) and value and all(isinstance(x, Score) for x in value):
+            subs = tuple(copy.copy(x) for x in value)
+            for sub in subs:
+                _swap_tensors(sub, swap)
+            setattr(obj, name, subs)
+
+
+def tiled_attention(req: Request, block_q: int | None = None, block_k: int | None = None) -> AttentionOutput:
+    """Run the tiled kernel on a request (see the module docstring)."""
+    plan = make_plan(req, block_q, block_k)
+    q, k, v = req.q, req.k, req.v
+    in_dtype = q.dtype
+    if in_dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    if req.score is not None:
+        q, k = req.score.prepare(q, k)
+    params = req.score.parameters() if req.score is not None else ()
+    out, lse, ent, mw = _TiledFunction.apply(
+        plan, req.need_stats, q.contiguous(), k.contiguous(), v.contiguous(), *params
+    )
+    stats = AttentionStats(entropy=ent, max_weight=mw) if req.need_stats else None
+    return AttentionOutput(out=out.to(in_dtype), weights=None, stats=stats, lse=lse, backend="tiled")
+
+
+class TiledBackend(Backend):
+    name = "tiled"
+    summary = "online softmax over blocks; skips empty blocks; streaming stats; recomputing backward"
+    capabilities = {
+        "masks": "all (empty blocks skipped, full blocks unmasked)",
+        "scores": "all",
+        "GQA/MQA": "yes (no copy)",
+        "need_weights": "no",
+        "need_stats": "yes (streaming, no L x S tensor)",
+        "lse": "yes",
+        "dropout": "no",
+        "backward": "yes (FlashAttention-2 recomputation)",
+        "devices": "any",
+    }
+
+    def refusals(self, req: Request) -> list[str]:
+        reasons = []
+        if req.need_weights:
+            reasons.append("tiled never materialises the L x S weights (need_weights=True)")
+        if req.dropout_p > 0:
+            reasons.append("tiled does not implement dropout (dropout_p > 0)")
+        return reasons
+
+    def cost(self, req: Request) -> float:
+        return estimate_seconds(req)
+
+    def run(self, req: Request) -> AttentionOutput:
+        return tiled_attention(req)
