@@ -28,7 +28,7 @@ def _score_parts(req: Request):
         return 1.0, None
     parts = req.score.scores if isinstance(req.score, ScoreChain) else (req.score,)
     factor, alibi_part = 1.0, None
-    for i, part in enumerate(parts):
+    for part in parts:
         if isinstance(part, _Temperature):
             if alibi_part is not None:
                 return None  # temperature after alibi would also scale the bias

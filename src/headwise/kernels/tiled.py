@@ -136,7 +136,7 @@ class _Blocks:
 
 
 def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats: bool):
-    B, Hq, Hkv, L, S, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.G
+    B, Hq, Hkv, L, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.G
     E, Ev = q.shape[-1], v.shape[-1]
     blocks = _Blocks(plan, q.device)
     q5 = q.view(B, Hkv, G, L, E)
