@@ -28,7 +28,7 @@ Example::
     tensor([[1, 0, 0, 0],
             [1, 1, 0, 0],
             [0, 1, 1, 0],
-            [0, 0, 0, 0]], dtype=torch.int32)
+            [0, 0, 1, 0]], dtype=torch.int32)
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Benchmarks: a harness that times competitors side by side, and suites built on it."""

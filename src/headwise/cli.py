@@ -1,0 +1,93 @@
+"""The ``headwise`` command line: demo, bench, docs."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="headwise: multi-head attention, head by head.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that run headwise and its competitors side by side.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+DEFAULT_SEQS = [512, 1024, 2048, 4096, 8192, 16384]
+
+
+@app.command()
+def demo(seed: int = typer.Option(0, help="Random seed.")) -> None:
+    """A short tour of attend(): every mask, what each backend did, and the oracle check."""
+    import torch
+
+    from headwise import attend, causal, chunked, local, padding, per_head_windows, sliding_window
+
+    torch.manual_seed(seed)
+    B, Hq, Hkv, L, E = 2, 8, 2, 512, 64
+    q = torch.randn(B, Hq, L, E)
+    k, v = torch.randn(B, Hkv, L, E), torch.randn(B, Hkv, L, E)
+    masks = {
+        "none": None,
+        "causal": causal,
+        "sliding_window(64)": sliding_window(64),
+        "local(16, 16)": local(16, 16),
+        "chunked(128)": chunked(128),
+        "padding([512, 300])": padding([L, 300]),
+        "per_head_windows": per_head_windows([8, 8, 32, 32, 128, 128, None, None]),
+    }
+    table = Table(title=f"attend() on q {tuple(q.shape)}, k/v {tuple(k.shape)} (GQA 8/2), float32")
+    for col in ("mask", "auto backend", "max |out - float64 reference|", "mean entropy (nats)", "max weight"):
+        table.add_column(col)
+    for name, m in masks.items():
+        res = attend(q, k, v, mask=m)
+        gold = attend(q.double(), k.double(), v.double(), mask=m, backend="reference", need_stats=True)
+        err = (res.out.double() - gold.out).abs().max().item()
+        st = attend(q, k, v, mask=m, need_stats=True).stats
+        table.add_row(name, res.backend, f"{err:.2e}", f"{st.entropy.mean():.3f}", f"{st.max_weight.mean():.3f}")
+    console.print(table)
+    console.print("Entropy and max weight come from the tiled kernel's streaming statistics (no L x S matrix).")
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    seq: list[int] = typer.Option(DEFAULT_SEQS, "--seq", help="Sequence lengths L (repeat the option)."),
+    repeat: int = typer.Option(5, help="Timed runs per implementation (median reported)."),
+    memory: bool = typer.Option(True, help="Measure peak memory in fresh subprocesses."),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for kernels.md and kernels.json."),
+) -> None:
+    """attend() vs torch SDPA, FlexAttention and eager math: times, ratios, memory, goals."""
+    from headwise.bench.report import goals, run_kernels, write_report
+
+    if repeat < 1:
+        raise typer.BadParameter("--repeat must be >= 1")
+    with console.status("benchmarking") as status:
+        result = run_kernels(sorted(set(seq)), repeat, memory, progress=lambda s: status.update(f"benchmarking {s}"))
+    result["command"] = " ".join(shlex.quote(a) for a in ["headwise", *sys.argv[1:]])
+    md, js = write_report(result, report)
+    table = Table(title="goals")
+    for col in ("goal", "measured", "met"):
+        table.add_column(col)
+    for goal, evidence, ok in goals(result):
+        table.add_row(goal, evidence, "yes" if ok else "[red]NO[/red]")
+    console.print(table)
+    console.print(f"wrote {md} and {js}")
+
+
+@app.command()
+def docs(out: Path = typer.Option(Path("docs/attend.md"), help="File to (re)write.")) -> None:
+    """Regenerate the backend table in docs/attend.md from the registry."""
+    from headwise.docs import render_attend_doc
+
+    text = render_attend_doc(out.read_text() if out.exists() else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()
