@@ -76,7 +76,11 @@ class Mask:
         """Raise :class:`HeadwiseError` if the mask cannot serve this problem size."""
 
     def cache_key(self) -> object:
-        """A hashable key: equal keys mean equal masks (used to cache compiled masks)."""
+        """A hashable key (equal keys mean equal masks) for caching block plans, or None.
+
+        Masks are assumed immutable: a function mask whose behaviour changes between calls
+        (through state it closes over) must be wrapped anew.
+        """
         return ("id", id(self))
 
     def dense(self, B: int, H: int, L: int, S: int, device: torch.device | str = "cpu") -> Tensor:
@@ -347,7 +351,8 @@ class _Combined(Mask):
             m.validate(B, H, L, S, device)
 
     def cache_key(self):
-        return ("and" if self.conjunction else "or", tuple(m.cache_key() for m in self.masks))
+        keys = tuple(m.cache_key() for m in self.masks)
+        return None if None in keys else ("and" if self.conjunction else "or", keys)
 
     def __repr__(self) -> str:
         name = "and_masks" if self.conjunction else "or_masks"
@@ -401,6 +406,9 @@ class _TensorMask(Mask):
         if t.dim() != 4 or any(n not in (1, w) for n, w in zip(t.shape, want)):
             raise bad_argument("mask", f"a bool tensor broadcastable to (B, H, L, S) = {want}", tuple(t.shape))
 
+    def cache_key(self):
+        return None  # a tensor can change in place: never reuse a plan made from it
+
     def __repr__(self) -> str:
         return f"tensor_mask{tuple(self.tensor.shape)}"
 
@@ -427,10 +435,12 @@ def classify_blocks(
 ) -> Tensor:
     """Label every (query block, key block) pair EMPTY, PARTIAL or FULL for all (b, h).
 
-    Returns an int8 tensor (ceil(L / block_q), ceil(S / block_k)). A block is EMPTY only
-    if no (b, h, row, key) in it attends, FULL only if every one does. With exact bounds
-    this costs O(B * H * L * S / block_k); otherwise the mask is evaluated one query block
-    at a time (O(L * S) work, O(block_q * S) memory).
+    Returns an int8 tensor (ceil(L / block_q), ceil(S / block_k)). FULL means every
+    (b, h, row, key) in the block attends; EMPTY means none does. With bounds this costs
+    O(B * H * L + nq * nk): a query block reaches the hull of its rows' key ranges (exact
+    for contiguous masks, conservative otherwise: a block may be PARTIAL yet empty, never
+    the reverse). Without bounds the mask is evaluated one query block at a time (O(L * S)
+    work, O(block_q * S) memory) and the labels are exact.
     """
     nq, nk = -(-L // block_q), -(-S // block_k)
     ks = torch.arange(nk, device=device) * block_k
@@ -440,18 +450,23 @@ def classify_blocks(
     q = (torch.arange(L, device=device) + (S - L)).view(1, 1, L)
     found = mask.bounds(bidx, hidx, q, S)
     if found is not None:
-        lo, hi = (t.expand(B, H, L).reshape(B, H, L, 1) for t in found)
-        lo, hi = lo.clamp(min=0), hi.clamp(max=S - 1)
-        any_hit = (lo <= ke) & (hi >= ks) & (lo <= hi)  # (B, H, L, nk)
+        # Bounds broadcast over (B, H, L) but are usually (1, 1, L): reduce without expanding.
+        lo, hi, _ = torch.broadcast_tensors(found[0].clamp(min=0), found[1].clamp(max=S - 1), q)
+        lo, hi = lo.reshape(-1, L), hi.reshape(-1, L)
         pad = nq * block_q - L
-        hit = torch.nn.functional.pad(any_hit, (0, 0, 0, pad)).view(B, H, nq, block_q, nk).any(dim=3)
-        hit = hit.any(dim=1).any(dim=0)
+        nonempty = lo <= hi
+        # Hull of the rows of each query block (empty rows excluded): a superset of its keys.
+        lo_hull = torch.nn.functional.pad(torch.where(nonempty, lo, _FAR), (0, pad), value=_FAR)
+        hi_hull = torch.nn.functional.pad(torch.where(nonempty, hi, -_FAR), (0, pad), value=-_FAR)
+        min_lo = lo_hull.view(-1, nq, block_q).amin(dim=2).amin(dim=0)
+        max_hi = hi_hull.view(-1, nq, block_q).amax(dim=2).amax(dim=0)
+        hit = (min_lo.view(nq, 1) <= ke) & (max_hi.view(nq, 1) >= ks)
         if not mask.exact_bounds:
             return torch.where(hit, PARTIAL, EMPTY).to(torch.int8)
-        covers = (lo <= ks) & (hi >= ke)
-        # Padding rows (beyond L) count as covered so that they never spoil a FULL block.
-        covered = torch.nn.functional.pad(covers, (0, 0, 0, pad), value=True).view(B, H, nq, block_q, nk)
-        full = covered.all(dim=3).all(dim=1).all(dim=0)
+        # FULL needs every row to cover the key block; padding rows (beyond L) never spoil it.
+        max_lo = torch.nn.functional.pad(lo, (0, pad), value=-_FAR).view(-1, nq, block_q).amax(dim=2).amax(dim=0)
+        min_hi = torch.nn.functional.pad(hi, (0, pad), value=_FAR).view(-1, nq, block_q).amin(dim=2).amin(dim=0)
+        full = (max_lo.view(nq, 1) <= ks) & (min_hi.view(nq, 1) >= ke)
         return torch.where(full, FULL, torch.where(hit, PARTIAL, EMPTY)).to(torch.int8)
     out = torch.empty(nq, nk, dtype=torch.int8, device=device)
     b4, h4 = bidx.view(B, 1, 1, 1), hidx.view(1, H, 1, 1)

@@ -15,7 +15,6 @@ from collections import OrderedDict
 import torch
 
 from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
-from headwise.masks import classify_blocks
 
 _SECONDS_PER_FLOP = 1 / 130e9
 _SECONDS_PER_CALL = 3e-4
@@ -48,7 +47,7 @@ def _block_mask(req: Request):
     B, Hq, Hkv, L, S, E, Ev = req.shape
     mask = req.mask
     key = (mask.cache_key(), B, Hq, L, S, str(req.q.device))
-    if key in _block_masks:
+    if key[0] is not None and key in _block_masks:
         _block_masks.move_to_end(key)
         return _block_masks[key][0]
 
@@ -56,6 +55,8 @@ def _block_mask(req: Request):
         return mask.evaluate(b, h, q_idx, kv_idx, L, S)
 
     bm = create_block_mask(mask_mod, B, Hq, L, S, device=req.q.device, BLOCK_SIZE=_BLOCK)
+    if key[0] is None:
+        return bm
     _block_masks[key] = (bm, mask)  # keep the mask alive so its id-based key stays unique
     if len(_block_masks) > _CACHE_SIZE:
         _block_masks.popitem(last=False)
@@ -63,12 +64,13 @@ def _block_mask(req: Request):
 
 
 def _density(req: Request) -> float:
-    B, Hq, Hkv, L, S, E, Ev = req.shape
+    """Share of 128 x 128 blocks FlexAttention visits (the tiled planner's cached plan)."""
     if req.mask is None:
         return 1.0
-    kinds = classify_blocks(req.mask, B, Hq, L, S, _BLOCK, _BLOCK, req.q.device)
-    n_q, n_k = kinds.shape
-    return float((kinds > 0).sum()) / (n_q * n_k)
+    from headwise.kernels.tiled import make_plan
+
+    plan = make_plan(req, _BLOCK, _BLOCK)
+    return plan.n_visits() / (len(plan.visits) * -(-plan.S // _BLOCK))
 
 
 class FlexBackend(Backend):

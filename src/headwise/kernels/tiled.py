@@ -24,6 +24,7 @@ Shape legend: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), G = Hq / Hkv
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +65,19 @@ class TiledPlan:
         return sum(len(v) for v in self.visits)
 
 
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
 def make_plan(req: Request, block_q: int | None = None, block_k: int | None = None) -> TiledPlan:
-    """Classify blocks and pick the block size with the lowest estimated time."""
+    """Classify blocks and pick the block size with the lowest estimated time (cached)."""
     B, Hq, Hkv, L, S, E, Ev = req.shape
+    mask_key = req.mask.cache_key() if req.mask is not None else ("none",)
+    key = (mask_key, B, Hq, Hkv, L, S, E, Ev, block_q, block_k, str(req.q.device))
+    if mask_key is not None and key in _PLAN_CACHE:
+        _PLAN_CACHE.move_to_end(key)
+        bq, bk, visits, _ = _PLAN_CACHE[key]
+        return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale)
     if block_q is not None or block_k is not None:
         choices = [(block_q or 256, block_k or block_q or 256)]
     elif req.mask is None:
@@ -80,7 +91,13 @@ def make_plan(req: Request, block_q: int | None = None, block_k: int | None = No
         t = plan.n_visits() * per_block
         if best is None or t < best[0]:
             best = (t, plan)
-    return best[1]
+    plan = best[1]
+    if mask_key is not None:
+        # The mask is kept with the plan so that an id-based key cannot be reused by another.
+        _PLAN_CACHE[key] = (plan.block_q, plan.block_k, plan.visits, req.mask)
+        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    return plan
 
 
 def _plan_for(req: Request, bq: int, bk: int) -> TiledPlan:
