@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -53,8 +54,17 @@ class Score:
         return 1.0 / math.sqrt(head_dim)
 
     def parameters(self) -> tuple[Tensor, ...]:
-        """Tensors the logits depend on besides q and k (they may require grad)."""
+        """Tensors that need grad and that the logits depend on besides q and k."""
         return ()
+
+    def with_parameters(self, params: tuple[Tensor, ...]) -> Score:
+        """A copy using ``params`` in place of :meth:`parameters` (same order).
+
+        The tiled kernel's backward recomputes logits from detached copies of the
+        parameters, so that each gets its own partial derivative even when one was
+        computed from another outside the kernel.
+        """
+        return self
 
     def validate(self, H: int) -> None:
         """Raise :class:`HeadwiseError` if the score cannot serve ``H`` query heads."""
@@ -90,6 +100,14 @@ class ScoreChain(Score):
     def parameters(self):
         return tuple(p for s in self.scores for p in s.parameters())
 
+    def with_parameters(self, params):
+        parts, i = [], 0
+        for sc in self.scores:
+            n = len(sc.parameters())
+            parts.append(sc.with_parameters(tuple(params[i : i + n])))
+            i += n
+        return ScoreChain(parts)
+
     def validate(self, H):
         for s in self.scores:
             s.validate(H)
@@ -105,8 +123,39 @@ class _FunctionScore(Score):
     def modify(self, s, b, h, q, kv):
         return self.fn(s, b, h, q, kv)
 
+    def _captured(self) -> list:
+        cells = [c.cell_contents for c in (getattr(self.fn, "__closure__", None) or ()) if _has_contents(c)]
+        return cells + list(getattr(self.fn, "__defaults__", None) or ())
+
+    def parameters(self):
+        # Tensors the function closes over (or takes as defaults) and that need grad: the
+        # tiled kernel's backward must know them to route their gradients. Tensors hidden
+        # deeper (in a list, an object) are not found: capture them directly.
+        return tuple(t for t in self._captured() if isinstance(t, Tensor) and t.requires_grad)
+
+    def with_parameters(self, params):
+        if not params:
+            return self
+        swap = {id(old): new for old, new in zip(self.parameters(), params)}
+        fn = self.fn
+        cells = tuple(
+            types.CellType(swap.get(id(c.cell_contents), c.cell_contents)) if _has_contents(c) else c
+            for c in (fn.__closure__ or ())
+        )
+        defaults = tuple(swap.get(id(d), d) for d in fn.__defaults__) if fn.__defaults__ else None
+        clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, defaults, cells or None)
+        return _FunctionScore(clone)
+
     def __repr__(self) -> str:
         return getattr(self.fn, "__name__", "score_fn")
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises ValueError
+    except ValueError:
+        return False
+    return True
 
 
 def as_score(score: Score | ScoreFn | Sequence[Score | ScoreFn] | None) -> Score | None:
@@ -146,6 +195,9 @@ class _Alibi(Score):
 
     def parameters(self):
         return (self.slopes,) if self.slopes.requires_grad else ()
+
+    def with_parameters(self, params):
+        return _Alibi(params[0]) if params else self
 
     def validate(self, H):
         if self.slopes.numel() != H:
@@ -238,10 +290,7 @@ class Poincare(Score):
         return torch.tensor(c, dtype=like.dtype, device=like.device)
 
     def to_ball(self, u: Tensor) -> Tensor:
-        sc = self._c(u).sqrt()
-        norm = u.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-        r = (sc * norm).clamp(max=self.clip)
-        return torch.tanh(r) * u / (sc * norm)
+        return expmap0(u, self._c(u), self.clip, self.eps)
 
     def prepare(self, q, k):
         return self.to_ball(q), self.to_ball(k)
@@ -263,9 +312,28 @@ class Poincare(Score):
         c = self.curvature
         return (c,) if isinstance(c, Tensor) and c.requires_grad else ()
 
+    def with_parameters(self, params):
+        return Poincare(params[0], self.clip, self.eps) if params else self
+
     def __repr__(self) -> str:
         c = self.curvature
         return f"poincare(c={float(c.detach()) if isinstance(c, Tensor) else c:g})"
+
+
+def expmap0(u: Tensor, c: Tensor | float, clip: float = 4.0, eps: float = 1e-6) -> Tensor:
+    """Exponential map at the origin of the ball of curvature -c, clipping sqrt(c)|u| at ``clip``."""
+    sc = torch.as_tensor(c, dtype=u.dtype, device=u.device).sqrt()
+    norm = u.norm(dim=-1, keepdim=True).clamp_min(eps)
+    r = (sc * norm).clamp(max=clip)
+    return torch.tanh(r) * u / (sc * norm)
+
+
+def logmap0(x: Tensor, c: Tensor | float, eps: float = 1e-6) -> Tensor:
+    """Logarithmic map at the origin: a point of the ball back to a tangent vector."""
+    sc = torch.as_tensor(c, dtype=x.dtype, device=x.device).sqrt()
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    r = (sc * norm).clamp(max=1 - 1e-7)
+    return torch.atanh(r) * x / (sc * norm)
 
 
 def poincare(curvature: float | Tensor = 1.0, clip: float = 4.0, eps: float = 1e-6) -> Poincare:

@@ -24,6 +24,7 @@ Shape legend: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), G = Hq / Hkv
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -218,7 +219,7 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
     delta5 = (dout * out).sum(dim=-1).view(B, Hkv, G, L)
     dq = torch.zeros_like(q5)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    dparams = [torch.zeros_like(p) for p in params]
+    dparams = [torch.zeros_like(p) for p in params]  # p may need grad: zeros_like does not
     generic = plan.score is not None
     for iq, visits in enumerate(plan.visits):
         if not visits:
@@ -258,11 +259,20 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
 
 
 class _TiledFunction(torch.autograd.Function):
+    """Forward and recomputing backward. ``params`` are the score's tensors that need grad.
+
+    They are passed to ``apply`` so that autograd routes their gradients. The backward
+    recomputes the logits with detached copies of them (``Score.with_parameters``): a
+    parameter may be computed from another outside the kernel (a per-key bias from v and
+    the curvature), and the kernel must return partial derivatives, not run that outer
+    graph itself.
+    """
+
     @staticmethod
     def forward(ctx, plan: TiledPlan, need_stats: bool, q: Tensor, k: Tensor, v: Tensor, *params: Tensor):
         out, lse, entropy, max_w = _tiled_forward(plan, q, k, v, need_stats)
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse, *params)
+        ctx.save_for_backward(q, k, v, out, lse)
         empty = q.new_zeros(0)
         ent = empty if entropy is None else entropy.view(lse.shape)
         mw = empty if max_w is None else max_w.view(lse.shape)
@@ -271,43 +281,14 @@ class _TiledFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dent, _dmw):
-        q, k, v, out, lse, *params = ctx.saved_tensors
-        live = [p.detach().requires_grad_() for p in params]
+        q, k, v, out, lse = ctx.saved_tensors
         plan = ctx.plan
-        if live:
-            plan = _with_params(plan, params, live)
-        dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout.contiguous(), tuple(live))
+        params = ()
+        if plan.score is not None and plan.score.parameters():
+            params = tuple(p.detach().requires_grad_() for p in plan.score.parameters())
+            plan = dataclasses.replace(plan, score=plan.score.with_parameters(params))
+        dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout.contiguous(), params)
         return (None, None, dq, dk, dv, *dparams)
-
-
-def _with_params(plan: TiledPlan, old: list[Tensor], new: list[Tensor]) -> TiledPlan:
-    """A copy of the plan whose score uses ``new`` parameter tensors in place of ``old``."""
-    import copy
-
-    score = copy.copy(plan.score)
-    swap = {id(o): nw for o, nw in zip(old, new)}
-    _swap_tensors(score, swap)
-    clone = copy.copy(plan)
-    clone.score = score
-    return clone
-
-
-def _swap_tensors(obj: object, swap: dict[int, Tensor]) -> None:
-    """Replace parameter tensors inside a (possibly chained) score, copying sub-scores."""
-    import copy
-
-    for name, value in list(vars(obj).items()):
-        if isinstance(value, Tensor) and id(value) in swap:
-            setattr(obj, name, swap[id(value)])
-        elif isinstance(value, Score):
-            sub = copy.copy(value)
-            _swap_tensors(sub, swap)
-            setattr(obj, name, sub)
-        elif isinstance(value, tuple) and value and all(isinstance(x, Score) for x in value):
-            subs = tuple(copy.copy(x) for x in value)
-            for sub in subs:
-                _swap_tensors(sub, swap)
-            setattr(obj, name, subs)
 
 
 def tiled_attention(req: Request, block_q: int | None = None, block_k: int | None = None) -> AttentionOutput:
