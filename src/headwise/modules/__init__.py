@@ -2,5 +2,6 @@
 
 from headwise.modules.attention import MHAOutput, MultiHeadAttention
 from headwise.modules.hyperbolic import HyperbolicAttention
+from headwise.modules.moe import MoEAttention
 
-__all__ = ["MultiHeadAttention", "MHAOutput", "HyperbolicAttention"]
+__all__ = ["MultiHeadAttention", "MHAOutput", "HyperbolicAttention", "MoEAttention"]
