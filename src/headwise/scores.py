@@ -272,7 +272,8 @@ class Poincare(Score):
 
     ``|x - y|^2`` is expanded as ``|x|^2 + |y|^2 - 2 x.y`` so blocks cost one matmul.
     Clipping keeps ``tanh`` away from 1, where float32 would put points on the boundary
-    (infinite distance); ``eps`` keeps the arcosh argument off its singular point.
+    (infinite distance); ``eps`` bounds denominators and (squared) keeps the arcosh
+    argument off its singular point.
     The default scale is 1 (distances are already O(1)).
     """
 
@@ -301,8 +302,9 @@ class Poincare(Score):
         kk = (k * k).sum(-1).unsqueeze(-2)
         diff = (qq + kk - 2 * (q @ k.transpose(-1, -2))).clamp_min(0)
         denom = ((1 - c * qq) * (1 - c * kk)).clamp_min(self.eps)
-        z = (2 * c * diff / denom).clamp_min(self.eps)
-        # arcosh(1 + z) = log(1 + z + sqrt(z (z + 2))), stable for small z.
+        # arcosh(1 + z) = log(1 + z + sqrt(z (z + 2))), stable for small z. Its slope is
+        # infinite at z = 0 (q == k); eps^2 keeps it finite yet far below any real distance.
+        z = (2 * c * diff / denom).clamp_min(self.eps**2)
         return -torch.log1p(z + torch.sqrt(z * (z + 2))) / c.sqrt()
 
     def default_scale(self, head_dim):
