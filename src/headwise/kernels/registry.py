@@ -4,7 +4,7 @@ Each backend declares what it supports through :meth:`Backend.refusals` (a list 
 reasons, empty when it can serve) and estimates its run time with :meth:`Backend.cost`.
 ``auto`` runs the cheapest backend that does not refuse; an explicitly named backend that
 refuses raises :class:`HeadwiseError` with its reasons. Nothing is activated on import
-except the four built-in backends.
+except the built-in backends.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 
 from headwise.errors import HeadwiseError
 from headwise.kernels.base import Backend, Request
+from headwise.kernels.eager import EagerBackend
 from headwise.kernels.flex import FlexBackend
 from headwise.kernels.reference import ReferenceBackend
 from headwise.kernels.sdpa import SdpaBackend
@@ -83,5 +84,5 @@ def backend_table() -> str:
     return "\n".join(lines)
 
 
-for _b in (ReferenceBackend(), TiledBackend(), SdpaBackend(), FlexBackend()):
+for _b in (ReferenceBackend(), EagerBackend(), TiledBackend(), SdpaBackend(), FlexBackend()):
     register_backend(_b)
