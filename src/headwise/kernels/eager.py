@@ -2,9 +2,9 @@
 
 The same mathematics as the reference, written for speed instead of readability: GQA
 folds the G query heads of a group into the rows of one matmul (k and v are never
-repeated, and the (B, Hkv, G*L, S) logits are already laid out as (B, Hq, L, S)); without
-autograd the softmax runs in place on the logits buffer (one L x S allocation in all), and
-its row max and sum give the log-sum-exp and the max weight for free.
+repeated, and the (B, Hkv, G*L, S) logits are already laid out as (B, Hq, L, S)); the scale
+is applied to the queries, the softmax is torch's fused one, and the row max gives the
+log-sum-exp and the max weight.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def eager_attention(req: Request) -> AttentionOutput:
     if req.score is not None and req.score.replaces_similarity:
         s = req.score.similarity(rows, k) * req.scale
     else:
-        s = torch.matmul(rows, k.transpose(-1, -2)) * req.scale
+        # Scaling the L*E queries is cheaper than scaling the L*S logits.
+        s = torch.matmul(rows * req.scale, k.transpose(-1, -2))
     low_precision = s.dtype in (torch.float16, torch.bfloat16)
     if low_precision:
         s = s.float()
@@ -47,24 +48,25 @@ def eager_attention(req: Request) -> AttentionOutput:
             s5 = s5.masked_fill(~allowed, float("-inf")) if grad else s5.masked_fill_(~allowed, float("-inf"))
         s = s5.reshape(B, Hkv, G * L, S)
 
+    # torch's fused softmax makes fewer passes over L x S than max/exp/sum/div by hand. Two
+    # cheap row maxima recover lse and the max weight: the softmax keeps the argmax, so
+    # lse = m - log(max w), exact because max w >= 1/S never underflows.
     m = s.amax(dim=-1, keepdim=True)
-    m_safe = torch.where(m == float("-inf"), 0.0, m)  # rows with nothing to attend to
-    if grad:
-        p = torch.exp(s - m_safe)
-        denom = p.sum(dim=-1, keepdim=True)
-        weights = p / torch.where(denom > 0, denom, 1.0)
-    else:
-        p = s.sub_(m_safe).exp_()
-        denom = p.sum(dim=-1, keepdim=True)
-        weights = p.div_(torch.where(denom > 0, denom, 1.0))
-    has = denom > 0
-    lse = torch.where(has, m_safe + torch.log(torch.where(has, denom, 1.0)), float("-inf"))
+    empty = m == float("-inf")  # rows with nothing to attend to would give NaN
+    any_empty = bool(empty.any())
+    if any_empty:
+        s = s.masked_fill(empty, 0.0)
+    weights = torch.softmax(s, dim=-1)
+    w_max = weights.amax(dim=-1, keepdim=True)
+    if any_empty:
+        weights = weights.masked_fill(empty, 0.0)
+        w_max = w_max.masked_fill(empty, 0.0)
+    lse = torch.where(empty, float("-inf"), m - torch.log(torch.where(empty, 1.0, w_max)))
 
     stats = None
     if req.need_stats:
         entropy = -torch.special.xlogy(weights, weights).sum(dim=-1)
-        max_weight = torch.where(has, 1.0 / torch.where(has, denom, 1.0), 0.0).squeeze(-1)
-        stats = AttentionStats(entropy=entropy.view(B, Hq, L), max_weight=max_weight.view(B, Hq, L))
+        stats = AttentionStats(entropy=entropy.view(B, Hq, L), max_weight=w_max.view(B, Hq, L))
     w_in = weights.to(v.dtype) if low_precision else weights
     if req.dropout_p > 0:
         w_in = F.dropout(w_in, req.dropout_p, training=True)
@@ -80,7 +82,7 @@ def eager_attention(req: Request) -> AttentionOutput:
 
 class EagerBackend(Backend):
     name = "eager"
-    summary = "fast eager math with the L x S weights in memory (in-place softmax without autograd)"
+    summary = "fast eager math with the L x S weights in memory (fused softmax, GQA without copies)"
     capabilities = {
         "masks": "all (evaluated densely)",
         "scores": "all",
