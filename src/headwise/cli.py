@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def bench_kernels(
         raise typer.BadParameter("--repeat must be >= 1")
     with console.status("benchmarking") as status:
         result = run_kernels(sorted(set(seq)), repeat, memory, progress=lambda s: status.update(f"benchmarking {s}"))
-    result["command"] = " ".join(shlex.quote(a) for a in ["headwise", *sys.argv[1:]])
+    result["command"] = _command()
     md, js = write_report(result, report)
     table = Table(title="goals")
     for col in ("goal", "measured", "met"):
@@ -76,16 +77,65 @@ def bench_kernels(
     console.print(f"wrote {md} and {js}")
 
 
+@bench_app.command("modules")
+def bench_modules(
+    repeat: int = typer.Option(5, help="Timed runs per implementation (median reported)."),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for modules.md and modules.json."),
+) -> None:
+    """MultiHeadAttention vs torch nn.MultiheadAttention; GQA 8/2 vs MHA 8/8."""
+    from headwise.bench.harness import machine_info, wait_for_quiet
+    from headwise.bench.modules import run_modules, to_markdown
+    from headwise.bench.report import write_text_atomic
+
+    wait_for_quiet()
+    info = machine_info()
+    with console.status("benchmarking modules"):
+        rows = run_modules(repeat)
+    command = _command()
+    report.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(report / "modules.md", to_markdown(rows, command, info))
+    write_text_atomic(
+        report / "modules.json", json.dumps({"command": command, "machine": info, "rows": rows}, indent=1)
+    )
+    console.print((report / "modules.md").read_text())
+
+
+@bench_app.command("train")
+def bench_train(
+    steps: int = typer.Option(300, help="Training steps per variant."),
+    seed: int = typer.Option(0, help="Random seed (same for every variant)."),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for train.md and train.json."),
+) -> None:
+    """Train a tiny character LM on the stdlib source with each attention; compare losses."""
+    from dataclasses import asdict
+
+    from headwise.bench.report import write_text_atomic
+    from headwise.bench.train import TrainConfig, to_markdown, train_all
+
+    cfg = TrainConfig(steps=steps, seed=seed)
+    with console.status("training") as status:
+        results = train_all(cfg, progress=lambda s: status.update(s))
+    command = _command()
+    report.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(report / "train.md", to_markdown(results, cfg, command))
+    payload = {"command": command, "config": asdict(cfg), "results": results}
+    write_text_atomic(report / "train.json", json.dumps(payload, indent=1))
+    console.print((report / "train.md").read_text())
+
+
+def _command() -> str:
+    return " ".join(shlex.quote(a) for a in ["headwise", *sys.argv[1:]])
+
+
 @app.command()
 def docs(out: Path = typer.Option(Path("docs/attend.md"), help="File to (re)write.")) -> None:
     """Regenerate the backend table in docs/attend.md from the registry."""
+    from headwise.bench.report import write_text_atomic
     from headwise.docs import render_attend_doc
 
     text = render_attend_doc(out.read_text() if out.exists() else None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_text_atomic(out, text)
     console.print(f"wrote {out}")
 
 

@@ -222,12 +222,13 @@ def write_report(result: dict, out_dir: Path, name: str = "kernels") -> tuple[Pa
     result["command"] = command
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    _atomic_write(js, json.dumps(result, indent=1))
-    _atomic_write(md, to_markdown(result, command))
+    write_text_atomic(js, json.dumps(result, indent=1))
+    write_text_atomic(md, to_markdown(result, command))
     return md, js
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: a crash never leaves half a report."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
