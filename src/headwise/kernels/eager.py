@@ -3,14 +3,17 @@
 The same mathematics as the reference, written for speed instead of readability: GQA
 folds the G query heads of a group into the rows of one matmul (k and v are never
 repeated, and the (B, Hkv, G*L, S) logits are already laid out as (B, Hq, L, S)); the scale
-is applied to the queries, the softmax is torch's fused one, and the row max gives the
-log-sum-exp and the max weight.
+is applied to the queries. Without autograd it works one query chunk at a time, so each
+chunk's logits stay in cache while they become weights and the L x S weights are written
+to memory once (or never, when only the output or the statistics are asked for). With
+autograd it uses torch's fused softmax, and the row maxima give the log-sum-exp.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops
 
@@ -18,36 +21,50 @@ _SECONDS_PER_FLOP = 1 / 150e9
 _SECONDS_PER_ELEMENT = 1.6e-9  # per logit, for the elementwise passes over L x S
 
 
-def eager_attention(req: Request) -> AttentionOutput:
-    q, k, v = req.q, req.k, req.v
+_CHUNK_BYTES = 4 << 20  # logits of one query chunk: about what the caches hold
+
+
+def _logits(req: Request, q: Tensor, k: Tensor, q0: int, n: int, inplace: bool) -> Tensor:
+    """Masked, modified logits of queries q0 .. q0+n-1 as (B, Hkv, G*n, S), float32 or wider."""
     B, Hq, Hkv, L, S, E, Ev = req.shape
     G = Hq // Hkv
-    if req.score is not None:
-        q, k = req.score.prepare(q, k)
-    rows = q.reshape(B, Hkv, G * L, q.shape[-1])
+    rows = q[:, :, q0 : q0 + n].reshape(B, Hkv, G * n, q.shape[-1])
     if req.score is not None and req.score.replaces_similarity:
         s = req.score.similarity(rows, k) * req.scale
     else:
-        # Scaling the L*E queries is cheaper than scaling the L*S logits.
+        # Scaling the n*E queries is cheaper than scaling the n*S logits.
         s = torch.matmul(rows * req.scale, k.transpose(-1, -2))
-    low_precision = s.dtype in (torch.float16, torch.bfloat16)
-    if low_precision:
+    if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()
-    grad = req.needs_grad
-    if req.score is not None or req.mask is not None:
-        dev = q.device
-        b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
-        h = torch.arange(Hq, device=dev).view(1, Hkv, G, 1, 1)
-        qi = torch.arange(L, device=dev).view(1, 1, 1, L, 1)
-        ki = torch.arange(S, device=dev).view(1, 1, 1, 1, S)
-        s5 = s.view(B, Hkv, G, L, S)
-        if req.score is not None:
-            s5 = req.score.modify(s5, b, h, qi + (S - L), ki).expand(B, Hkv, G, L, S)
-        if req.mask is not None:
-            allowed = req.mask.evaluate(b, h, qi, ki, L, S)
-            s5 = s5.masked_fill(~allowed, float("-inf")) if grad else s5.masked_fill_(~allowed, float("-inf"))
-        s = s5.reshape(B, Hkv, G * L, S)
+    if req.score is None and req.mask is None:
+        return s
+    dev = q.device
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
+    h = torch.arange(Hq, device=dev).view(1, Hkv, G, 1, 1)
+    qi = torch.arange(q0, q0 + n, device=dev).view(1, 1, 1, n, 1)
+    ki = torch.arange(S, device=dev).view(1, 1, 1, 1, S)
+    s5 = s.view(B, Hkv, G, n, S)
+    if req.score is not None:
+        s5 = req.score.modify(s5, b, h, qi + (S - L), ki).expand(B, Hkv, G, n, S)
+    if req.mask is not None:
+        allowed = req.mask.evaluate(b, h, qi, ki, L, S)
+        s5 = s5.masked_fill_(~allowed, float("-inf")) if inplace else s5.masked_fill(~allowed, float("-inf"))
+    return s5.reshape(B, Hkv, G * n, S)
 
+
+def eager_attention(req: Request) -> AttentionOutput:
+    """Materialising attention; without autograd it runs query chunk by query chunk."""
+    q, k, v = req.q, req.k, req.v
+    if req.score is not None:
+        q, k = req.score.prepare(q, k)
+    if req.needs_grad:
+        return _eager_autograd(req, q, k, v)
+    return _eager_chunked(req, q, k, v)
+
+
+def _eager_autograd(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOutput:
+    B, Hq, Hkv, L, S, E, Ev = req.shape
+    s = _logits(req, q, k, 0, L, inplace=False)
     # torch's fused softmax makes fewer passes over L x S than max/exp/sum/div by hand. Two
     # cheap row maxima recover lse and the max weight: the softmax keeps the argmax, so
     # lse = m - log(max w), exact because max w >= 1/S never underflows.
@@ -62,18 +79,55 @@ def eager_attention(req: Request) -> AttentionOutput:
         weights = weights.masked_fill(empty, 0.0)
         w_max = w_max.masked_fill(empty, 0.0)
     lse = torch.where(empty, float("-inf"), m - torch.log(torch.where(empty, 1.0, w_max)))
-
     stats = None
     if req.need_stats:
         entropy = -torch.special.xlogy(weights, weights).sum(dim=-1)
         stats = AttentionStats(entropy=entropy.view(B, Hq, L), max_weight=w_max.view(B, Hq, L))
-    w_in = weights.to(v.dtype) if low_precision else weights
+    w_in = weights.to(v.dtype)
     if req.dropout_p > 0:
         w_in = F.dropout(w_in, req.dropout_p, training=True)
     out = torch.matmul(w_in, v).view(B, Hq, L, Ev)
+    w_out = weights.view(B, Hq, L, S).to(req.q.dtype) if req.need_weights else None
+    return AttentionOutput(out=out, weights=w_out, stats=stats, lse=lse.view(B, Hq, L), backend="eager")
+
+
+def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOutput:
+    """No autograd: each query chunk's logits stay in cache while they become weights, so
+    the L x S weights are written once (and not at all when they are not asked for)."""
+    B, Hq, Hkv, L, S, E, Ev = req.shape
+    G = Hq // Hkv
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    n = max(1, min(L, _CHUNK_BYTES // (4 * B * Hq * S)))
+    out = q.new_empty(B, Hkv, G, L, Ev)
+    lse = q.new_empty(B, Hkv, G, L, dtype=acc)
+    weights = q.new_empty(B, Hkv, G, L, S) if req.need_weights else None
+    entropy = q.new_empty(B, Hkv, G, L, dtype=acc) if req.need_stats else None
+    max_w = q.new_empty(B, Hkv, G, L, dtype=acc) if req.need_stats else None
+    for q0 in range(0, L, n):
+        c = min(n, L - q0)
+        p = _logits(req, q, k, q0, c, inplace=True)
+        m = p.amax(dim=-1, keepdim=True)
+        m_safe = torch.where(m == float("-inf"), 0.0, m)  # rows with nothing to attend to
+        p.sub_(m_safe).exp_()
+        denom = p.sum(dim=-1, keepdim=True)
+        has = denom > 0
+        denom_safe = torch.where(has, denom, 1.0)
+        p.div_(denom_safe)
+        rows = (slice(None), slice(None), slice(None), slice(q0, q0 + c))
+        lse[rows] = torch.where(has, m_safe + torch.log(denom_safe), float("-inf")).view(B, Hkv, G, c)
+        if req.need_stats:
+            entropy[rows] = -torch.special.xlogy(p, p).sum(dim=-1).view(B, Hkv, G, c)
+            max_w[rows] = torch.where(has, 1.0 / denom_safe, 0.0).view(B, Hkv, G, c)
+        if weights is not None:
+            weights[rows] = p.view(B, Hkv, G, c, S)
+        w_in = p.to(v.dtype)
+        if req.dropout_p > 0:
+            w_in = F.dropout(w_in, req.dropout_p, training=True)
+        out[rows] = torch.matmul(w_in, v).view(B, Hkv, G, c, Ev)
+    stats = AttentionStats(entropy.view(B, Hq, L), max_w.view(B, Hq, L)) if req.need_stats else None
     return AttentionOutput(
-        out=out,
-        weights=weights.view(B, Hq, L, S).to(req.q.dtype) if req.need_weights else None,
+        out=out.view(B, Hq, L, Ev),
+        weights=weights.view(B, Hq, L, S) if weights is not None else None,
         stats=stats,
         lse=lse.view(B, Hq, L),
         backend="eager",
