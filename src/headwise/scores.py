@@ -23,12 +23,12 @@ Example::
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from headwise.captured import captured_tensors, rebind
 from headwise.errors import bad_argument
 
 ScoreFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -123,39 +123,18 @@ class _FunctionScore(Score):
     def modify(self, s, b, h, q, kv):
         return self.fn(s, b, h, q, kv)
 
-    def _captured(self) -> list:
-        cells = [c.cell_contents for c in (getattr(self.fn, "__closure__", None) or ()) if _has_contents(c)]
-        return cells + list(getattr(self.fn, "__defaults__", None) or ())
-
     def parameters(self):
-        # Tensors the function closes over (or takes as defaults) and that need grad: the
-        # tiled kernel's backward must know them to route their gradients. Tensors hidden
-        # deeper (in a list, an object) are not found: capture them directly.
-        return tuple(t for t in self._captured() if isinstance(t, Tensor) and t.requires_grad)
+        # The tiled kernel's backward must know every learnable tensor the function reads
+        # (see headwise.captured for where they are looked for).
+        return captured_tensors(self.fn)
 
     def with_parameters(self, params):
         if not params:
             return self
-        swap = {id(old): new for old, new in zip(self.parameters(), params)}
-        fn = self.fn
-        cells = tuple(
-            types.CellType(swap.get(id(c.cell_contents), c.cell_contents)) if _has_contents(c) else c
-            for c in (fn.__closure__ or ())
-        )
-        defaults = tuple(swap.get(id(d), d) for d in fn.__defaults__) if fn.__defaults__ else None
-        clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, defaults, cells or None)
-        return _FunctionScore(clone)
+        return _FunctionScore(rebind(self.fn, {id(old): new for old, new in zip(self.parameters(), params)}))
 
     def __repr__(self) -> str:
         return getattr(self.fn, "__name__", "score_fn")
-
-
-def _has_contents(cell) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises ValueError
-    except ValueError:
-        return False
-    return True
 
 
 def as_score(score: Score | ScoreFn | Sequence[Score | ScoreFn] | None) -> Score | None:

@@ -166,7 +166,7 @@ def test_head_gates_give_gradient_importance():
 
 def test_module_stats_come_from_tiled():
     m = MultiHeadAttention(32, 4, mask=sliding_window(3))
-    res = m(torch.randn(2, 10, 32), need_stats=True)
+    res = m(torch.randn(2, 10, 32), need_stats=True, backend="tiled")
     assert res.backend == "tiled" and res.stats.entropy.shape == (2, 4, 10)
     assert float(res.stats.entropy.max()) <= math.log(3) + 1e-5
 

@@ -110,7 +110,7 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
         m_safe = torch.where(m == float("-inf"), 0.0, m)  # rows with nothing to attend to
         p.sub_(m_safe).exp_()
         denom = p.sum(dim=-1, keepdim=True)
-        has = denom > 0
+        has = denom != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
         denom_safe = torch.where(has, denom, 1.0)
         p.div_(denom_safe)
         rows = (slice(None), slice(None), slice(None), slice(q0, q0 + c))

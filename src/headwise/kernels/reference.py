@@ -34,13 +34,15 @@ def reference_attention(req: Request) -> AttentionOutput:
 
     compute_dtype = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
     s = s.to(compute_dtype)
+    has_keys = torch.ones(B, Hq, L, 1, dtype=torch.bool, device=q.device)
     if req.mask is not None:
         allowed = req.mask.evaluate(b, h, qi, ki, L, S).expand(B, Hq, L, S)
         s = s.masked_fill(~allowed, float("-inf"))
+        has_keys = allowed.any(dim=-1, keepdim=True)
 
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows with nothing to attend to
-    has_keys = torch.isfinite(lse).unsqueeze(-1)
-    # exp(s - lse) is NaN on empty rows (-inf - -inf); those rows get weight 0.
+    # exp(s - lse) is NaN on empty rows (-inf - -inf); those rows get weight 0. A NaN that
+    # comes from q or k is not an empty row: it stays NaN.
     weights = torch.where(has_keys, torch.exp(s - torch.where(has_keys, lse.unsqueeze(-1), 0.0)), 0.0)
 
     stats = None

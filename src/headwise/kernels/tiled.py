@@ -194,7 +194,7 @@ def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats:
             if acc_k is not None:
                 acc_k.mul_(alpha).add_(torch.matmul(p, kb))
             m_run = m_new
-        has = l_run > 0
+        has = l_run != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
         l_safe = torch.where(has, l_run, 1.0)
         out[:, :, :, qs : qs + n] = (acc / l_safe).view(B, Hkv, G, n, Ev)
         lse[:, :, :, qs : qs + n] = torch.where(has, m_run + torch.log(l_safe), neg_inf).view(B, Hkv, G, n)
