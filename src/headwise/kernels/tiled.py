@@ -8,9 +8,10 @@ is O(block_q * block_k) per head for the logits, never O(L * S).
 
 Streaming statistics come from the same pass. With ``p_j = exp(s_j - m)`` and
 ``l = sum p_j``, the entropy of the row is ``log l - sum(p_j (s_j - m)) / l`` and its
-largest weight is ``1 / l``; the sum is rescaled like the output when ``m`` changes.
-For the plain dot product ``sum p_j s_j = scale * q . (sum p_j k_j)``, so the kernel
-accumulates ``p @ k`` next to ``p @ v`` (a matmul instead of an elementwise log).
+largest weight is ``1 / l``; the sum is rescaled like the output when ``m`` changes. It is
+computed elementwise (a row dot product of p and s - m), not as
+``scale * q . (sum p k) - m * l``: that shortcut subtracts two numbers of the size of the
+largest logit and loses the entropy of sharp rows.
 
 The backward pass (FlashAttention-2) recomputes each block's probabilities from the saved
 log-sum-exp instead of storing them: ``dS = P * (dP - rowsum(dO * O))``. Score
@@ -130,82 +131,97 @@ class _Blocks:
         self.h = torch.arange(plan.Hq, device=device).view(1, Hkv, G, 1, 1)
         self.device = device
 
-    def logits(self, qb: Tensor, kb: Tensor, qs: int, ks: int, partial: bool) -> Tensor:
-        """Logits of one tile, (B, Hkv, G*n, m), with score modifications and mask."""
+    def logits(
+        self, qb: Tensor, kb: Tensor, qs: int, ks: int, partial: bool, inplace: bool = False, out: Tensor | None = None
+    ) -> Tensor:
+        """Logits of one tile, (B, Hkv, G*n, m), with score modifications and mask.
+
+        Without a score, ``qb`` must already be multiplied by the scale (done once per
+        call instead of once per tile); ``out`` is an optional buffer for the matmul.
+        """
         p = self.plan
         B, Hkv, G = p.B, p.Hkv, p.G
         n, m = qb.shape[2] // G, kb.shape[2]
         if p.score is None:
-            s = torch.matmul(qb, kb.transpose(-1, -2))
-            s.mul_(p.scale)
+            s = torch.matmul(qb, kb.transpose(-1, -2), out=out if out is not None and m == out.shape[-1] else None)
         else:
             s = p.score.similarity(qb, kb) * p.scale
+        if p.score is None and not partial:
+            return s
         s5 = s.view(B, Hkv, G, n, m)
-        if p.score is not None or partial:
-            qi = torch.arange(qs, qs + n, device=self.device).view(1, 1, 1, n, 1)
-            ki = torch.arange(ks, ks + m, device=self.device).view(1, 1, 1, 1, m)
-            if p.score is not None:
-                s5 = p.score.modify(s5, self.b, self.h, qi + (p.S - p.L), ki).expand(B, Hkv, G, n, m)
-            if partial:
-                allowed = p.mask.evaluate(self.b, self.h, qi, ki, p.L, p.S)
-                s5 = s5.masked_fill(~allowed, float("-inf"))
-            s = s5.reshape(B, Hkv, G * n, m)
-        return s
+        qi = torch.arange(qs, qs + n, device=self.device).view(1, 1, 1, n, 1)
+        ki = torch.arange(ks, ks + m, device=self.device).view(1, 1, 1, 1, m)
+        if p.score is not None:
+            s5 = p.score.modify(s5, self.b, self.h, qi + (p.S - p.L), ki).expand(B, Hkv, G, n, m)
+        if partial:
+            allowed = p.mask.evaluate(self.b, self.h, qi, ki, p.L, p.S)
+            s5 = s5.masked_fill_(~allowed, float("-inf")) if inplace else s5.masked_fill(~allowed, float("-inf"))
+        return s5.reshape(B, Hkv, G * n, m)
+
+
+def _scaled_queries(plan: TiledPlan, q: Tensor) -> Tensor:
+    """Without a score the scale is folded into q once: the tiles then skip a pass."""
+    return q * plan.scale if plan.score is None else q
 
 
 def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats: bool):
     B, Hq, Hkv, L, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.G
     E, Ev = q.shape[-1], v.shape[-1]
     blocks = _Blocks(plan, q.device)
-    q5 = q.view(B, Hkv, G, L, E)
+    q5 = _scaled_queries(plan, q).view(B, Hkv, G, L, E)
+    v3 = v.view(B * Hkv, -1, Ev)
     out = q.new_zeros(B, Hkv, G, L, Ev)
     lse = q.new_full((B, Hkv, G, L), float("-inf"))
     entropy = q.new_zeros(B, Hkv, G, L) if need_stats else None
     max_w = q.new_zeros(B, Hkv, G, L) if need_stats else None
-    # For plain dot products sum(p * s) comes from one more matmul (see module docstring).
-    stats_by_matmul = need_stats and plan.score is None
     neg_inf = float("-inf")
+    buf = None
     for iq, visits in enumerate(plan.visits):
         if not visits:
             continue
         qs = iq * plan.block_q
         n = min(plan.block_q, L - qs)
-        qb = q5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, E)
-        m_run = q.new_full((B, Hkv, G * n, 1), neg_inf)
-        l_run = q.new_zeros(B, Hkv, G * n, 1)
-        acc = q.new_zeros(B, Hkv, G * n, Ev)
-        acc_k = q.new_zeros(B, Hkv, G * n, E) if stats_by_matmul else None
-        ps = q.new_zeros(B, Hkv, G * n, 1) if need_stats and not stats_by_matmul else None
+        R = G * n
+        qb = q5[:, :, :, qs : qs + n].reshape(B, Hkv, R, E)
+        if buf is None or buf.shape[2] != R:
+            buf = q.new_empty(B, Hkv, R, plan.block_k)  # reused by every full-width tile
+            pbuf = q.new_empty(B * Hkv, R, plan.block_k) if need_stats else None
+        m_run = q.new_full((B * Hkv, R, 1), neg_inf)
+        l_run = q.new_zeros(B * Hkv, R, 1)
+        acc = q.new_zeros(B * Hkv, R, Ev)
+        ps = q.new_zeros(B * Hkv, R, 1) if need_stats else None
         for jk, partial in visits:
             ks = jk * plan.block_k
-            kb, vb = k[:, :, ks : ks + plan.block_k], v[:, :, ks : ks + plan.block_k]
-            s = blocks.logits(qb, kb, qs, ks, partial)
+            s = blocks.logits(qb, k[:, :, ks : ks + plan.block_k], qs, ks, partial, inplace=True, out=buf)
+            s = s.view(B * Hkv, R, -1)
             m_new = torch.maximum(m_run, s.amax(dim=-1, keepdim=True))
             # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead.
             m_safe = torch.where(m_new == neg_inf, 0.0, m_new)
             alpha = torch.exp(m_run - m_safe)
-            p = s.sub_(m_safe).exp_()
-            if ps is not None:
+            t = s.sub_(m_safe)
+            if ps is None:
+                p = t.exp_()
+            else:
+                # sum p (s - m) = sum p t needs t after the exp: exp into a second buffer and
+                # take a row dot product (a log, as in p log p, costs 10x more). Rescaled to
+                # the new max like the output. Elementwise, so no cancellation.
+                p = torch.exp(t, out=pbuf if pbuf.shape == t.shape else None)
+                if partial:  # masked entries: p = 0 and t = -inf, whose product is NaN
+                    t.clamp_(min=torch.finfo(t.dtype).min)
                 shift = torch.where(l_run > 0, (m_run - m_safe) * l_run, 0.0)
-                ps = alpha * (ps + shift) + torch.special.xlogy(p, p).sum(dim=-1, keepdim=True)
+                ps.add_(shift).mul_(alpha).add_(torch.linalg.vecdot(p, t).unsqueeze(-1))
             l_run.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc.mul_(alpha)
-            acc.add_(torch.matmul(p, vb))
-            if acc_k is not None:
-                acc_k.mul_(alpha).add_(torch.matmul(p, kb))
+            acc.mul_(alpha).baddbmm_(p, v3[:, ks : ks + p.shape[-1]])
             m_run = m_new
         has = l_run != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
         l_safe = torch.where(has, l_run, 1.0)
-        out[:, :, :, qs : qs + n] = (acc / l_safe).view(B, Hkv, G, n, Ev)
-        lse[:, :, :, qs : qs + n] = torch.where(has, m_run + torch.log(l_safe), neg_inf).view(B, Hkv, G, n)
+        rows = (slice(None), slice(None), slice(None), slice(qs, qs + n))
+        out[rows] = (acc / l_safe).view(B, Hkv, G, n, Ev)
+        lse[rows] = torch.where(has, m_run + torch.log(l_safe), neg_inf).view(B, Hkv, G, n)
         if need_stats:
-            if stats_by_matmul:
-                mean_s = plan.scale * (qb * acc_k).sum(dim=-1, keepdim=True) / l_safe
-                ent = torch.log(l_safe) + m_run - mean_s
-            else:
-                ent = torch.log(l_safe) - ps / l_safe
-            entropy[:, :, :, qs : qs + n] = torch.where(has, ent.clamp_min(0.0), 0.0).view(B, Hkv, G, n)
-            max_w[:, :, :, qs : qs + n] = torch.where(has, 1.0 / l_safe, 0.0).view(B, Hkv, G, n)
+            ent = torch.log(l_safe) - ps / l_safe
+            entropy[rows] = torch.where(has, ent.clamp_min(0.0), 0.0).view(B, Hkv, G, n)
+            max_w[rows] = torch.where(has, 1.0 / l_safe, 0.0).view(B, Hkv, G, n)
     return out.view(B, Hq, L, Ev), lse.view(B, Hq, L), entropy, max_w
 
 
@@ -213,7 +229,7 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
     B, Hq, Hkv, L, S, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.G
     E, Ev = q.shape[-1], v.shape[-1]
     blocks = _Blocks(plan, q.device)
-    q5, do5 = q.view(B, Hkv, G, L, E), dout.view(B, Hkv, G, L, Ev)
+    q5, do5 = _scaled_queries(plan, q).view(B, Hkv, G, L, E), dout.view(B, Hkv, G, L, Ev)
     # Rows with nothing to attend to have lse = -inf; +inf makes their probabilities 0.
     lse5 = torch.where(lse == float("-inf"), float("inf"), lse).view(B, Hkv, G, L)
     delta5 = (dout * out).sum(dim=-1).view(B, Hkv, G, L)
@@ -241,7 +257,7 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
                     s = blocks.logits(qg, kg, qs, ks, partial)
                 p = torch.exp(s.detach() - lse_b)
             else:
-                p = blocks.logits(qb, kb, qs, ks, partial).sub_(lse_b).exp_()
+                p = blocks.logits(qb, kb, qs, ks, partial, inplace=True).sub_(lse_b).exp_()
             dv[:, :, ks:ke] += torch.matmul(p.transpose(-1, -2), dob)
             ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)
             if generic:
@@ -252,8 +268,9 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
                     if g is not None:
                         acc += g
             else:
+                # qb already carries the scale (see _scaled_queries): dk needs no extra factor.
                 dqb += torch.matmul(ds, kb).mul_(plan.scale)
-                dk[:, :, ks:ke] += torch.matmul(ds.transpose(-1, -2), qb).mul_(plan.scale)
+                dk[:, :, ks:ke] += torch.matmul(ds.transpose(-1, -2), qb)
         dq[:, :, :, qs : qs + n] = dqb.view(B, Hkv, G, n, E)
     return dq.view(B, Hq, L, E), dk, dv, dparams
 
