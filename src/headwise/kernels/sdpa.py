@@ -11,14 +11,17 @@ zeroed, so they come out as 0 (not NaN) with zero gradient.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
 from headwise.masks import causal, grid_indices
 from headwise.scores import ScoreChain, _Alibi, _Temperature
 
-_SECONDS_PER_FLOP = 1 / 190e9
+_SECONDS_PER_FLOP = 1 / 140e9
 _SECONDS_PER_MASK_ELEMENT = 2.2e-9
 
 
@@ -38,6 +41,36 @@ def _score_parts(req: Request):
         else:
             return None
     return factor, alibi_part
+
+
+_MASK_CACHE: OrderedDict = OrderedDict()
+_MASK_CACHE_SIZE = 8
+_MASK_CACHE_MAX_ELEMENTS = 1 << 26  # 64 MB of bools
+
+
+def _dense_mask(req: Request) -> tuple[Tensor, Tensor | None]:
+    """The (B|1, H|1, L, S) bool mask SDPA needs, and the rows that attend to nothing.
+
+    An empty row gets one dummy key so that the softmax stays finite; it is zeroed after.
+    Masks are cached like FlexAttention's block masks: building one costs a pass over L x S.
+    """
+    B, Hq, _, L, S, _, _ = req.shape
+    key = (req.mask.cache_key(), B, Hq, L, S, str(req.q.device))
+    if key[0] is not None and key in _MASK_CACHE:
+        _MASK_CACHE.move_to_end(key)
+        return _MASK_CACHE[key][:2]
+    b, h, qi, ki = grid_indices(B, Hq, L, S, req.q.device)
+    allowed = req.mask.evaluate(b, h, qi, ki, L, S)
+    empty_rows = ~allowed.any(dim=-1, keepdim=True)
+    if bool(empty_rows.any()):
+        allowed = allowed | (empty_rows & (ki == 0))
+    else:
+        empty_rows = None
+    if key[0] is not None and allowed.numel() <= _MASK_CACHE_MAX_ELEMENTS:
+        _MASK_CACHE[key] = (allowed, empty_rows, req.mask)  # the mask keeps its id-based key unique
+        if len(_MASK_CACHE) > _MASK_CACHE_SIZE:
+            _MASK_CACHE.popitem(last=False)
+    return allowed, empty_rows
 
 
 def _plain_causal(req: Request) -> bool:
@@ -77,7 +110,8 @@ class SdpaBackend(Backend):
         elif _plain_causal(req):
             t = attention_flops(req, 0.5) * _SECONDS_PER_FLOP
         else:
-            t = attention_flops(req) * _SECONDS_PER_FLOP + _SECONDS_PER_MASK_ELEMENT * B * Hq * L * S
+            # Building and reading the dense mask: (1, 1, L, S) unless it varies by batch/head.
+            t = attention_flops(req) * _SECONDS_PER_FLOP + _SECONDS_PER_MASK_ELEMENT * L * S
         if req.dropout_p > 0:
             t *= 8.0  # dropout forces the unfused math kernel
         if req.needs_grad:
@@ -90,15 +124,7 @@ class SdpaBackend(Backend):
         factor, alibi_part = _score_parts(req)
         attn_mask, is_causal, empty_rows = None, False, None
         if req.mask is not None and not (_plain_causal(req) and alibi_part is None):
-            b, h, qi, ki = grid_indices(B, Hq, L, S, q.device)
-            allowed = req.mask.evaluate(b, h, qi, ki, L, S)
-            empty_rows = ~allowed.any(dim=-1, keepdim=True)
-            if bool(empty_rows.any()):
-                # One dummy key keeps the softmax finite; the row is zeroed afterwards.
-                allowed = allowed | (empty_rows & (ki == 0))
-            else:
-                empty_rows = None
-            attn_mask = allowed
+            attn_mask, empty_rows = _dense_mask(req)
         elif req.mask is not None:
             is_causal = True
         if alibi_part is not None:
