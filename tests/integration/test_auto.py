@@ -21,7 +21,7 @@ from headwise import (
 from headwise.attend import make_request
 from headwise.kernels import registry
 from headwise.kernels.base import Backend
-from headwise.kernels.registry import backend_names, backend_table, choose, explain, get_backend
+from headwise.kernels.registry import backend_names, backend_table, choose, clear_choice_cache, explain, get_backend
 
 SHAPE = (1, 8, 2, 128, 128, 64)  # B, Hq, Hkv, L = S, E: big enough for the cost model to matter
 
@@ -107,11 +107,13 @@ def patched_costs(monkeypatch):
     """Set chosen backends' estimated cost; every other backend costs 1 second."""
 
     def patch(costs):
+        clear_choice_cache()  # choices made under the real costs must not be reused
         for name in backend_names():
             cost = costs.get(name, 1.0)
             monkeypatch.setattr(get_backend(name), "cost", lambda req, c=cost: c)
 
-    return patch
+    yield patch
+    clear_choice_cache()
 
 
 @pytest.mark.parametrize("cheapest", ["reference", "eager", "tiled", "sdpa"])

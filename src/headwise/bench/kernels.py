@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from headwise.attend import attend
 from headwise.bench.harness import Timing, time_interleaved
+from headwise.kernels.flex import flex_fn
 from headwise.masks import Mask, causal, sliding_window
 
 
@@ -63,6 +64,8 @@ HEADWISE = ("headwise auto", "headwise tiled")
 # Eager math holds H*L*L floats several times over; beyond this it only measures swapping.
 EAGER_MAX_L = 4096
 DENSE_BACKWARD_MAX_L = 4096
+# Compiled FlexAttention on CPU visits dense blocks at about a quarter of SDPA's speed.
+FLEX_DENSE_MAX_L = 8192
 
 
 def make_inputs(case: Case, device: str = "cpu", dtype=torch.float32, seed: int = 0):
@@ -104,9 +107,12 @@ def build(impl: str, case: Case, q, k, v, device: str = "cpu") -> Callable[[], o
     elif impl == "FlexAttention":
         if case.backward and torch.device(device).type == "cpu":
             return "no backward on CPU"
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        dense_like = case.mask is None or case.variant == "causal"
+        if dense_like and case.L > FLEX_DENSE_MAX_L and torch.device(device).type == "cpu":
+            return f"skipped above L={FLEX_DENSE_MAX_L} (dense blocks at ~40 GFLOP/s: slower than SDPA at every L)"
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        compiled = torch.compile(flex_attention, dynamic=False)
+        compiled = flex_fn()
         block_mask = None
         if case.mask is not None:
             m, L = case.mask, case.L

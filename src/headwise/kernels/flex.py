@@ -33,11 +33,21 @@ def flex_available() -> bool:
     return True
 
 
-def _flex_fn():
+def flex_fn():
+    """The compiled flex_attention, shared by every call (and by the benchmark).
+
+    Every new shape or mask is a recompile of the same function; past dynamo's default limit
+    of 8, torch silently falls back to an unfused flex_attention that materialises L x S.
+    The limit is raised, and reaching it is made an error rather than a silent slowdown.
+    """
     global _compiled
     if _compiled is None:
+        import torch._dynamo.config as dynamo_config
         from torch.nn.attention.flex_attention import flex_attention
 
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
+        dynamo_config.fail_on_recompile_limit_hit = True
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
 
@@ -122,7 +132,7 @@ class FlexBackend(Backend):
             def score_mod(s, b, h, q_idx, kv_idx):
                 return score.modify(s, b, h, q_idx + (S - L), kv_idx)
 
-        out = _flex_fn()(
+        out = flex_fn()(
             req.q,
             req.k,
             req.v,
