@@ -54,7 +54,8 @@ def _logits(req: Request, q: Tensor, k: Tensor, q0: int, n: int, inplace: bool) 
 
 def eager_attention(req: Request) -> AttentionOutput:
     """Materialising attention; without autograd it runs query chunk by query chunk."""
-    q, k, v = req.q, req.k, req.v
+    # Head-split projections arrive as permuted views: one copy now, not one per chunk.
+    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
     if req.score is not None:
         q, k = req.score.prepare(q, k)
     if req.needs_grad:
