@@ -298,17 +298,7 @@ class MultiHeadAttention(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
-        with torch.no_grad():
-            if mha._qkv_same_embed_dim:
-                ours.in_proj_weight.copy_(mha.in_proj_weight)
-            else:
-                ours.q_proj_weight.copy_(mha.q_proj_weight)
-                ours.k_proj_weight.copy_(mha.k_proj_weight)
-                ours.v_proj_weight.copy_(mha.v_proj_weight)
-            if mha.in_proj_bias is not None:
-                ours.in_proj_bias.copy_(mha.in_proj_bias)
-                ours.out_proj.bias.copy_(mha.out_proj.bias)
-            ours.out_proj.weight.copy_(w)
+        _copy_projections(mha, ours, fused=mha._qkv_same_embed_dim)
         return ours
 
     def to_torch(self) -> nn.MultiheadAttention:
@@ -331,17 +321,7 @@ class MultiHeadAttention(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
-        with torch.no_grad():
-            if self.fused:
-                t.in_proj_weight.copy_(self.in_proj_weight)
-            else:
-                t.q_proj_weight.copy_(self.q_proj_weight)
-                t.k_proj_weight.copy_(self.k_proj_weight)
-                t.v_proj_weight.copy_(self.v_proj_weight)
-            if self.in_proj_bias is not None:
-                t.in_proj_bias.copy_(self.in_proj_bias)
-                t.out_proj.bias.copy_(self.out_proj.bias)
-            t.out_proj.weight.copy_(w)
+        _copy_projections(self, t, fused=self.fused)
         return t
 
     def extra_repr(self) -> str:
@@ -349,3 +329,15 @@ class MultiHeadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"kdim={self.kdim}, vdim={self.vdim}, mask={self.mask!r}, score={self.score!r}"
         )
+
+
+def _copy_projections(src: nn.Module, dst: nn.Module, fused: bool) -> None:
+    """Copy projection weights between torch's MultiheadAttention and ours (same names)."""
+    names = ["in_proj_weight"] if fused else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    with torch.no_grad():
+        for name in names:
+            getattr(dst, name).copy_(getattr(src, name))
+        if src.in_proj_bias is not None:
+            dst.in_proj_bias.copy_(src.in_proj_bias)
+            dst.out_proj.bias.copy_(src.out_proj.bias)
+        dst.out_proj.weight.copy_(src.out_proj.weight)
