@@ -21,11 +21,7 @@ from torch.func import functional_call
 
 
 def _cells(fn: types.FunctionType) -> Iterator:
-    for cell in fn.__closure__ or ():
-        try:
-            yield cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
+    return (cell.cell_contents for cell in fn.__closure__ or () if _has(cell))
 
 
 def _global_names(code: types.CodeType) -> set[str]:

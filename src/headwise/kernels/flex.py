@@ -10,18 +10,15 @@ Compiled block masks are cached per (mask, B, H, L, S, device).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
-from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
+from headwise.kernels.base import AttentionOutput, Backend, MaskCache, Request, attention_flops
 
 # Compiled FlexAttention on 2 CPU cores ran at about 40 GFLOP/s of visited blocks.
 _SECONDS_PER_FLOP = 1 / 40e9
 _SECONDS_PER_CALL = 1e-3
 _BLOCK = 128
-_CACHE_SIZE = 32
-_block_masks: OrderedDict = OrderedDict()
+_BLOCK_MASKS = MaskCache(32)
 _compiled = None
 
 
@@ -57,20 +54,17 @@ def _block_mask(req: Request):
 
     B, Hq, Hkv, L, S, E, Ev = req.shape
     mask = req.mask
-    key = (mask.cache_key(), B, Hq, L, S, str(req.q.device))
-    if key[0] is not None and key in _block_masks:
-        _block_masks.move_to_end(key)
-        return _block_masks[key][0]
+    mask_key = mask.cache_key()
+    key = None if mask_key is None else (mask_key, B, Hq, L, S, str(req.q.device))
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None:
+        return hit
 
     def mask_mod(b, h, q_idx, kv_idx):
         return mask.evaluate(b, h, q_idx, kv_idx, L, S)
 
     bm = create_block_mask(mask_mod, B, Hq, L, S, device=req.q.device, BLOCK_SIZE=_BLOCK)
-    if key[0] is None:
-        return bm
-    _block_masks[key] = (bm, mask)  # keep the mask alive so its id-based key stays unique
-    if len(_block_masks) > _CACHE_SIZE:
-        _block_masks.popitem(last=False)
+    _BLOCK_MASKS.put(key, bm, mask)
     return bm
 
 

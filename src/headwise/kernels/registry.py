@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from headwise.errors import HeadwiseError
-from headwise.kernels.base import Backend, Request
+from headwise.kernels.base import Backend, MaskCache, Request
 from headwise.kernels.eager import EagerBackend
 from headwise.kernels.flex import FlexBackend
 from headwise.kernels.reference import ReferenceBackend
@@ -60,8 +60,9 @@ def choose(req: Request, backend: str = "auto") -> Backend:
             raise HeadwiseError(f"backend: {backend!r} cannot serve this call: " + "; ".join(reasons))
         return chosen
     key = _choice_key(req)
-    if key in _CHOICES:
-        return _BACKENDS[_CHOICES[key]]
+    cached = _CHOICES.get(key)
+    if cached is not None:
+        return _BACKENDS[cached]
     B, Hq, _, L, S, _, _ = req.shape
     candidates = []
     for name, b in _BACKENDS.items():
@@ -74,15 +75,11 @@ def choose(req: Request, backend: str = "auto") -> Backend:
         raise HeadwiseError("backend: no registered backend can serve this call: " + str(explain(req)))
     cost, name, chosen = min(candidates, key=lambda c: c[0])
     log.debug("auto chose %s (estimated %.3g s) among %s", name, cost, [c[1] for c in candidates])
-    if key is not None:
-        _CHOICES[key] = name
-        if len(_CHOICES) > _CHOICES_SIZE:
-            _CHOICES.pop(next(iter(_CHOICES)))
+    _CHOICES.put(key, name, req.mask)
     return chosen
 
 
-_CHOICES: dict = {}
-_CHOICES_SIZE = 256
+_CHOICES = MaskCache(256)
 
 
 def clear_choice_cache() -> None:

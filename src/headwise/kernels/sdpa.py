@@ -11,13 +11,11 @@ zeroed, so they come out as 0 (not NaN) with zero gradient.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
+from headwise.kernels.base import AttentionOutput, Backend, MaskCache, Request, attention_flops
 from headwise.masks import causal, grid_indices
 from headwise.scores import ScoreChain, _Alibi, _Temperature
 
@@ -43,8 +41,7 @@ def _score_parts(req: Request):
     return factor, alibi_part
 
 
-_MASK_CACHE: OrderedDict = OrderedDict()
-_MASK_CACHE_SIZE = 8
+_MASKS = MaskCache(8)
 _MASK_CACHE_MAX_ELEMENTS = 1 << 26  # 64 MB of bools
 
 
@@ -55,10 +52,11 @@ def _dense_mask(req: Request) -> tuple[Tensor, Tensor | None]:
     Masks are cached like FlexAttention's block masks: building one costs a pass over L x S.
     """
     B, Hq, _, L, S, _, _ = req.shape
-    key = (req.mask.cache_key(), B, Hq, L, S, str(req.q.device))
-    if key[0] is not None and key in _MASK_CACHE:
-        _MASK_CACHE.move_to_end(key)
-        return _MASK_CACHE[key][:2]
+    mask_key = req.mask.cache_key()
+    key = None if mask_key is None else (mask_key, B, Hq, L, S, str(req.q.device))
+    hit = _MASKS.get(key)
+    if hit is not None:
+        return hit
     b, h, qi, ki = grid_indices(B, Hq, L, S, req.q.device)
     allowed = req.mask.evaluate(b, h, qi, ki, L, S)
     empty_rows = ~allowed.any(dim=-1, keepdim=True)
@@ -66,10 +64,8 @@ def _dense_mask(req: Request) -> tuple[Tensor, Tensor | None]:
         allowed = allowed | (empty_rows & (ki == 0))
     else:
         empty_rows = None
-    if key[0] is not None and allowed.numel() <= _MASK_CACHE_MAX_ELEMENTS:
-        _MASK_CACHE[key] = (allowed, empty_rows, req.mask)  # the mask keeps its id-based key unique
-        if len(_MASK_CACHE) > _MASK_CACHE_SIZE:
-            _MASK_CACHE.popitem(last=False)
+    if allowed.numel() <= _MASK_CACHE_MAX_ELEMENTS:
+        _MASKS.put(key, (allowed, empty_rows), req.mask)
     return allowed, empty_rows
 
 

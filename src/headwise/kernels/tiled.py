@@ -26,13 +26,12 @@ Shape legend: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), G = Hq / Hkv
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
 from headwise.scores import Score
 
@@ -69,18 +68,17 @@ class TiledPlan:
         return sum(len(v) for v in self.visits)
 
 
-_PLAN_CACHE: OrderedDict = OrderedDict()
-_PLAN_CACHE_SIZE = 64
+_PLANS = MaskCache(64)
 
 
 def make_plan(req: Request, block_q: int | None = None, block_k: int | None = None) -> TiledPlan:
     """Classify blocks and pick the block size with the lowest estimated time (cached)."""
     B, Hq, Hkv, L, S, E, Ev = req.shape
     mask_key = req.mask.cache_key() if req.mask is not None else ("none",)
-    key = (mask_key, B, Hq, Hkv, L, S, E, Ev, block_q, block_k, str(req.q.device))
-    if mask_key is not None and key in _PLAN_CACHE:
-        _PLAN_CACHE.move_to_end(key)
-        bq, bk, visits, _ = _PLAN_CACHE[key]
+    key = None if mask_key is None else (mask_key, B, Hq, Hkv, L, S, E, Ev, block_q, block_k, str(req.q.device))
+    hit = _PLANS.get(key)
+    if hit is not None:
+        bq, bk, visits = hit
         return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale)
     if block_q is not None or block_k is not None:
         choices = [(block_q or 256, block_k or block_q or 256)]
@@ -88,20 +86,16 @@ def make_plan(req: Request, block_q: int | None = None, block_k: int | None = No
         choices = [(256, 256)]
     else:
         choices = [(b, b) for b in _BLOCK_CHOICES]
-    best = None
-    for bq, bk in choices:
-        plan = _plan_for(req, bq, bk)
-        per_block = 2.0 * B * Hq * bq * bk * (E + Ev) * _SECONDS_PER_FLOP + _SECONDS_PER_BLOCK
-        t = plan.n_visits() * per_block
-        if best is None or t < best[0]:
-            best = (t, plan)
-    plan = best[1]
-    if mask_key is not None:
-        # The mask is kept with the plan so that an id-based key cannot be reused by another.
-        _PLAN_CACHE[key] = (plan.block_q, plan.block_k, plan.visits, req.mask)
-        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
+    plan = min((_plan_for(req, bq, bk) for bq, bk in choices), key=lambda p: _plan_seconds(req, p))
+    _PLANS.put(key, (plan.block_q, plan.block_k, plan.visits), req.mask)
     return plan
+
+
+def _plan_seconds(req: Request, plan: TiledPlan) -> float:
+    """Estimated forward time of a plan: visited tiles x (tile flops + per-tile overhead)."""
+    B, Hq, _, _, _, E, Ev = req.shape
+    per_block = 2.0 * B * Hq * plan.block_q * plan.block_k * (E + Ev) * _SECONDS_PER_FLOP + _SECONDS_PER_BLOCK
+    return plan.n_visits() * per_block
 
 
 def _plan_for(req: Request, bq: int, bk: int) -> TiledPlan:
@@ -117,10 +111,7 @@ def _plan_for(req: Request, bq: int, bk: int) -> TiledPlan:
 
 
 def estimate_seconds(req: Request) -> float:
-    B, Hq, _, _, _, E, Ev = req.shape
-    plan = make_plan(req)
-    per_block = 2.0 * B * Hq * plan.block_q * plan.block_k * (E + Ev) * _SECONDS_PER_FLOP + _SECONDS_PER_BLOCK
-    return plan.n_visits() * per_block * (3.5 if req.needs_grad else 1.0)
+    return _plan_seconds(req, make_plan(req)) * (3.5 if req.needs_grad else 1.0)
 
 
 class _Blocks:
