@@ -11,8 +11,9 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	bash scripts/system-deps.sh
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 faiss-cpu==1.15.1
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[all,test]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: $(STAMP)

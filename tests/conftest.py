@@ -188,3 +188,18 @@ def check_against_gold(
         scale = max(1.0, float(g.abs().max()))
         assert_close_to_gold(cand.grads[name], ref.grads[name], g, floor * scale, f"grad {name}")
     return cand
+
+
+def require_data(available: bool, what: str) -> None:
+    """Skip when a Debian data package or tool is missing, or fail when CI requires it.
+
+    ``make test`` installs them (scripts/system-deps.sh); CI sets HEADWISE_REQUIRE_DATA=1 so that
+    a missing package cannot turn real-data tests into silent skips.
+    """
+    if available:
+        return
+    import os
+
+    if os.environ.get("HEADWISE_REQUIRE_DATA"):
+        pytest.fail(f"{what} is missing and HEADWISE_REQUIRE_DATA is set (run: bash scripts/system-deps.sh)")
+    pytest.skip(f"{what} is missing (run: bash scripts/system-deps.sh)")

@@ -1,0 +1,1 @@
+"""Real, offline data: readers for Debian-packaged corpora (WordNet, ...)."""
