@@ -1,0 +1,275 @@
+"""Learned query enhancers for the vector memory: a linear adapter and multi-head attention stages.
+
+Every enhancer maps a query embedding to a refined, L2-normalised query for a *second* search
+pass over the whole store (so it can raise recall@K, which a reranker of the first top-K
+cannot). The store calls ``refine(queries, cand_vectors, cand_scores)`` after a first search of
+``candidates`` (K) neighbours:
+
+- :class:`LinearAdapter`: ``q + W q`` (W starts at 0: the identity), candidates unused.
+- :class:`QueryEnhancer` with ``mechanism=``
+
+  - ``"multi-head"``: the adapted query attends to its K candidates with
+    :class:`~headwise.modules.MultiHeadAttention` (cross attention, 8 heads by default); each
+    candidate token is its embedding plus a learned rank embedding and a projection of its score
+    features (score, gap to the top score);
+  - ``"hyperbolic"`` / ``"moe"``: the same tokens, [query; candidates], through
+    :class:`~headwise.modules.HyperbolicAttention` or :class:`~headwise.modules.MoEAttention`
+    (self attention; the query position's output is read);
+  - ``"flash"``: a soft read-out of the whole memory: every stored vector is a key and a value,
+    split into heads, and :func:`headwise.attend` streams over all N of them with the tiled
+    kernel (never an (n, N) matrix). Bind the memory with :meth:`QueryEnhancer.bind`.
+
+  The attention read-out ``o`` enters through a zero-initialised projection:
+  ``refined = normalize(q + W q + M o)``, so an untrained enhancer is exactly cosine kNN.
+
+Shape legend: queries (n, d), cand_vectors (n, K, d), cand_scores (n, K), memory (N, d);
+refined queries (n, d). All float32.
+
+Weights are saved as safetensors with the config as JSON next to them (atomic writes, no pickle).
+
+Example:
+    >>> import torch
+    >>> enh = QueryEnhancer(32, heads=4, candidates=5)
+    >>> q = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    >>> cands = torch.nn.functional.normalize(torch.randn(3, 5, 32), dim=-1)
+    >>> out = enh(q, cands, torch.rand(3, 5))
+    >>> out.shape, bool(torch.allclose(out, q, atol=1e-6))   # identity at initialisation
+    (torch.Size([3, 32]), True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from headwise.attend import attend
+from headwise.errors import HeadwiseError, bad_argument
+from headwise.modules import HyperbolicAttention, MoEAttention, MultiHeadAttention
+
+MECHANISMS = ("multi-head", "hyperbolic", "moe", "flash")
+WEIGHTS_FILE, CONFIG_FILE = "enhancer.safetensors", "enhancer.json"
+
+
+def _as_tensor(x: Any, name: str, dims: int, dim: int) -> Tensor:
+    """float32 tensor of ``dims`` dimensions whose last one is ``dim`` (when dim > 0), finite."""
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, Tensor) else x.float()
+    if t.dim() != dims or (dim > 0 and t.shape[-1] != dim):
+        raise bad_argument(name, f"a {dims}-d array with last dimension {dim}", tuple(t.shape))
+    if not torch.isfinite(t).all():
+        raise bad_argument(name, "finite values", "NaN or Inf")
+    return t
+
+
+class _Enhancer(nn.Module):
+    """Shared protocol: ``candidates``, ``refine`` (numpy in, numpy out), ``config``, save/load."""
+
+    candidates: int
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError  # each subclass returns its constructor arguments
+
+    @torch.no_grad()
+    def refine(self, queries: Any, cand_vectors: Any = None, cand_scores: Any = None) -> np.ndarray:
+        """Refined queries (n, d) float32 for a second search pass (the store's protocol)."""
+        was = self.training
+        self.eval()
+        try:
+            q = _as_tensor(queries, "queries", 2, self.dim)
+            if self.candidates > 0:
+                c = _as_tensor(cand_vectors, "cand_vectors", 3, self.dim)
+                s = _as_tensor(cand_scores, "cand_scores", 2, 0)
+                if c.shape[0] != q.shape[0] or s.shape != c.shape[:2]:
+                    raise bad_argument(
+                        "cand_vectors, cand_scores",
+                        f"shapes ({q.shape[0]}, K, {self.dim}) and ({q.shape[0]}, K)",
+                        f"{tuple(c.shape)} and {tuple(s.shape)}",
+                    )
+                out = self(q, c, s)
+            else:
+                out = self(q)
+        finally:
+            self.train(was)
+        return out.numpy().astype(np.float32, copy=False)
+
+    def save(self, directory: Path | str) -> Path:
+        """Write ``enhancer.safetensors`` and ``enhancer.json`` into ``directory`` atomically."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp", d / f".{CONFIG_FILE}.tmp"
+        save_file(tensors, str(tmp_w))
+        tmp_c.write_text(json.dumps({"class": type(self).__name__, **self.config()}, indent=2))
+        # Weights first, config last: a config on disk always names weights that are complete.
+        os.replace(tmp_w, d / WEIGHTS_FILE)
+        os.replace(tmp_c, d / CONFIG_FILE)
+        return d / WEIGHTS_FILE
+
+
+class LinearAdapter(_Enhancer):
+    """``normalize(q + W q + b)`` with W, b initialised to 0: a learned linear query map.
+
+    ``candidates`` is 0: the store needs no first pass for it.
+
+    Example:
+        >>> import torch
+        >>> ad = LinearAdapter(8)
+        >>> q = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+        >>> bool(torch.allclose(ad(q), q))
+        True
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise bad_argument("dim", "an integer >= 1", repr(dim))
+        self.dim, self.candidates = dim, 0
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim}
+
+    def forward(self, q: Tensor, cand: Tensor | None = None, scores: Tensor | None = None) -> Tensor:
+        """q (n, d) -> (n, d); candidates are ignored."""
+        return F.normalize(q + self.linear(q), dim=-1)
+
+
+class QueryEnhancer(_Enhancer):
+    """Residual query adapter plus a multi-head attention read-out (see the module docstring).
+
+    Args:
+        dim: embedding dimension d.
+        mechanism: "multi-head", "hyperbolic", "moe" or "flash".
+        heads: attention heads (MoE: experts x heads_per_expert = heads, 4 experts).
+        candidates: K, the first-pass neighbours the store hands to :meth:`refine` (flash: 0).
+        dropout: dropout on candidate tokens while training.
+    """
+
+    def __init__(
+        self, dim: int, *, mechanism: str = "multi-head", heads: int = 8, candidates: int = 32, dropout: float = 0.0
+    ):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise bad_argument("dim", "an integer >= 1", repr(dim))
+        if mechanism not in MECHANISMS:
+            raise bad_argument("mechanism", f"one of {MECHANISMS}", repr(mechanism))
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
+            raise bad_argument("heads", f"a positive divisor of dim ({dim})", repr(heads))
+        if mechanism == "flash":
+            candidates = 0
+        elif isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise bad_argument("candidates", "an integer >= 1", repr(candidates))
+        if not 0 <= dropout < 1:
+            raise bad_argument("dropout", "a number in [0, 1)", repr(dropout))
+        self.dim, self.mechanism, self.heads, self.candidates, self.dropout = dim, mechanism, heads, candidates, dropout
+        self.adapter = nn.Linear(dim, dim)
+        self.mix = nn.Linear(dim, dim)
+        for lin in (self.adapter, self.mix):  # zero: the untrained enhancer is the identity
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self._memory: Tensor | None = None
+        if mechanism == "flash":
+            self.q_proj = nn.Linear(dim, dim)
+            nn.init.eye_(self.q_proj.weight)
+            nn.init.zeros_(self.q_proj.bias)
+            # Per-head inverse temperature, as a log: cosine scores in [-1, 1] need ~20x to be peaked.
+            self.log_beta = nn.Parameter(torch.full((heads,), float(np.log(20.0))))
+            return
+        self.rank = nn.Parameter(torch.zeros(candidates, dim))
+        self.score_feat = nn.Linear(2, dim)
+        nn.init.normal_(self.score_feat.weight, std=0.02)
+        nn.init.zeros_(self.score_feat.bias)
+        if mechanism == "multi-head":
+            self.attn: nn.Module = MultiHeadAttention(dim, heads)
+        elif mechanism == "hyperbolic":
+            self.attn = HyperbolicAttention(dim, heads, curvature=1.0, learn_curvature=True)
+        else:
+            experts = 4 if heads % 4 == 0 else 1
+            self.attn = MoEAttention(dim, num_experts=experts, heads_per_expert=heads // experts, experts_per_token=1)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "mechanism": self.mechanism,
+            "heads": self.heads,
+            "candidates": self.candidates,
+            "dropout": self.dropout,
+        }
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The MoE load-balancing loss of the last forward (0 for other mechanisms)."""
+        return self.attn.aux_loss if self.mechanism == "moe" else torch.zeros(())
+
+    def bind(self, memory: Any) -> QueryEnhancer:
+        """Set the (N, d) stored vectors that the "flash" read-out attends over. Returns self."""
+        if self.mechanism != "flash":
+            raise bad_argument("bind", "mechanism 'flash'", repr(self.mechanism))
+        self._memory = _as_tensor(memory, "memory", 2, self.dim).contiguous()
+        return self
+
+    def tokens(self, cand: Tensor, scores: Tensor) -> Tensor:
+        """Candidate tokens (n, K, d): embedding + rank embedding + projected score features."""
+        K = cand.shape[1]
+        if self.candidates < K:
+            raise bad_argument("cand_vectors", f"at most K={self.candidates} candidates", K)
+        feats = torch.stack([scores, scores[:, :1] - scores], dim=-1)  # (n, K, 2): score and gap to the top
+        tok = cand + self.rank[:K] + self.score_feat(feats)
+        return F.dropout(tok, self.dropout, self.training)
+
+    def readout(self, qa: Tensor, cand: Tensor | None, scores: Tensor | None) -> Tensor:
+        """The attention read-out o (n, d) for adapted queries qa (n, d)."""
+        if self.mechanism == "flash":
+            if self._memory is None:
+                raise HeadwiseError("flash: expected a memory bound with bind(vectors), got none")
+            mem = self._memory
+            # Queries as the L axis of one batch: q (1, H, n, dh) against k = v = memory (1, H, N, dh).
+            qh = rearrange(self.q_proj(qa), "n (h e) -> 1 h n e", h=self.heads)
+            qh = qh * self.log_beta.exp().view(1, -1, 1, 1)
+            kv = rearrange(mem, "s (h e) -> 1 h s e", h=self.heads)
+            o = attend(qh, kv, kv, scale=1.0, backend="tiled", check_finite=False).out
+            return rearrange(o, "1 h n e -> n (h e)")
+        if cand is None or scores is None:
+            raise bad_argument("cand_vectors", f"(n, K, {self.dim}) candidates for {self.mechanism!r}", None)
+        tok = self.tokens(cand, scores)
+        if self.mechanism == "multi-head":
+            return self.attn(qa.unsqueeze(1), tok, tok).out[:, 0]
+        return self.attn(torch.cat([qa.unsqueeze(1), tok], dim=1))[:, 0]
+
+    def forward(self, q: Tensor, cand: Tensor | None = None, scores: Tensor | None = None) -> Tensor:
+        """q (n, d), cand (n, K, d), scores (n, K) -> refined queries (n, d), L2-normalised."""
+        qa = q + self.adapter(q)
+        return F.normalize(qa + self.mix(self.readout(qa, cand, scores)), dim=-1)
+
+
+def load_enhancer(directory: Path | str) -> LinearAdapter | QueryEnhancer:
+    """Load an enhancer saved with ``save(directory)`` (safetensors + JSON; nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise bad_argument("directory", f"a folder with {CONFIG_FILE} and {WEIGHTS_FILE}", str(d))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        cls = {"LinearAdapter": LinearAdapter, "QueryEnhancer": QueryEnhancer}[cfg.pop("class")]
+        model = cls(**cfg)
+        model.load_state_dict(load_file(str(w_path)))
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+        if isinstance(exc, HeadwiseError):
+            raise
+        got = f"{type(exc).__name__}: {exc}"
+        raise bad_argument(str(cfg_path), "an enhancer config and matching weights", got) from exc
+    model.eval()
+    return model
