@@ -17,6 +17,10 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 DEFAULT_SEQS = [512, 1024, 2048, 4096, 8192, 16384]
+COMPARE_OPTION = typer.Option(
+    None, "--compare", help="An earlier result JSON: print a regression table, exit 1 on a slowdown."
+)
+THRESHOLD_OPTION = typer.Option(0.10, help="Relative slowdown that counts as a regression with --compare.")
 
 
 @app.command()
@@ -76,6 +80,8 @@ def bench_kernels(
     repeat: int = typer.Option(5, help="Timed runs per implementation (median reported)."),
     memory: bool = typer.Option(True, help="Measure peak memory in fresh subprocesses."),
     report: Path = typer.Option(Path("benchmarks/results"), help="Directory for kernels.md and kernels.json."),
+    compare: Path | None = COMPARE_OPTION,
+    threshold: float = THRESHOLD_OPTION,
 ) -> None:
     """attend() vs torch SDPA, FlexAttention and eager math: times, ratios, memory, goals."""
     from headwise.bench.report import goals, run_kernels, write_report
@@ -93,29 +99,35 @@ def bench_kernels(
         table.add_row(goal, evidence, "yes" if ok else "[red]NO[/red]")
     console.print(table)
     console.print(f"wrote {md} and {js}")
+    _maybe_compare(compare, js, threshold)
 
 
 @bench_app.command("modules")
 def bench_modules(
     repeat: int = typer.Option(5, help="Timed runs per implementation (median reported)."),
+    memory: bool = typer.Option(True, help="Measure peak memory in fresh subprocesses."),
     report: Path = typer.Option(Path("benchmarks/results"), help="Directory for modules.md and modules.json."),
+    compare: Path | None = COMPARE_OPTION,
+    threshold: float = THRESHOLD_OPTION,
 ) -> None:
     """MultiHeadAttention vs torch nn.MultiheadAttention; GQA 8/2 vs MHA 8/8."""
     from headwise.bench.harness import machine_info, wait_for_quiet
-    from headwise.bench.modules import run_modules, to_markdown
+    from headwise.bench.modules import run_module_memory, run_modules, to_markdown
     from headwise.bench.report import write_text_atomic
 
     wait_for_quiet()
     info = machine_info()
     with console.status("benchmarking modules"):
-        rows = run_modules(repeat)
+        result = run_modules(repeat)
+    if memory:
+        with console.status("measuring module memory in subprocesses"):
+            result["memory"] = run_module_memory()
     command = _command()
     report.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report / "modules.md", to_markdown(rows, command, info))
-    write_text_atomic(
-        report / "modules.json", json.dumps({"command": command, "machine": info, "rows": rows}, indent=1)
-    )
+    write_text_atomic(report / "modules.md", to_markdown(result, command, info))
+    write_text_atomic(report / "modules.json", json.dumps({"command": command, "machine": info, **result}, indent=1))
     console.print((report / "modules.md").read_text())
+    _maybe_compare(compare, report / "modules.json", threshold)
 
 
 @bench_app.command("train")
@@ -139,6 +151,58 @@ def bench_train(
     payload = {"command": command, "config": asdict(cfg), "results": results}
     write_text_atomic(report / "train.json", json.dumps(payload, indent=1))
     console.print((report / "train.md").read_text())
+
+
+@bench_app.command("components")
+def bench_components(
+    seq: list[int] = typer.Option([128, 1024, 4096], "--seq", help="Sequence lengths L (repeat the option)."),
+    repeat: int = typer.Option(3, help="Profiled forwards per row (averaged)."),
+    embed: int = typer.Option(512, help="Model width E."),
+    heads: int = typer.Option(8, help="Number of heads."),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for components.md and .json."),
+) -> None:
+    """Profiler breakdown of a MultiHeadAttention forward: projections, QK^T, mask, softmax, AV."""
+    from headwise.bench.components import run_components, to_markdown
+    from headwise.bench.harness import machine_info, wait_for_quiet
+    from headwise.bench.report import write_text_atomic
+
+    if repeat < 1:
+        raise typer.BadParameter("--repeat must be >= 1")
+    wait_for_quiet()
+    info = machine_info()
+    with console.status("profiling"):
+        rows = run_components(sorted(set(seq)), repeat, embed, heads)
+    command = _command()
+    report.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(report / "components.md", to_markdown(rows, command, info, embed, heads, True))
+    payload = {"command": command, "machine": info, "rows": rows}
+    write_text_atomic(report / "components.json", json.dumps(payload, indent=1))
+    typer.echo((report / "components.md").read_text())
+
+
+@bench_app.command("compare")
+def bench_compare(
+    old: Path = typer.Argument(..., help="Earlier result JSON (benchmarks/results/*.json)."),
+    new: Path = typer.Argument(..., help="Newer result JSON of the same suite."),
+    threshold: float = THRESHOLD_OPTION,
+) -> None:
+    """Regression table of two result files; exits 1 when a case got slower than the threshold."""
+    _maybe_compare(old, new, threshold)
+
+
+def _maybe_compare(old: Path | None, new: Path, threshold: float) -> None:
+    """Print the regression table of ``new`` against ``old`` (if given); exit 1 on a regression."""
+    if old is None:
+        return
+    from headwise.bench.compare import compare, load_records, to_markdown
+
+    rows = compare(load_records(old), load_records(new), threshold)
+    typer.echo(to_markdown(rows, str(old), str(new)))
+    if not rows:
+        console.print("[red]no case in common: nothing compared[/red]")
+        raise typer.Exit(2)
+    if any(r.regressed for r in rows):
+        raise typer.Exit(1)
 
 
 def _command() -> str:

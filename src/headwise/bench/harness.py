@@ -34,9 +34,21 @@ class Timing:
         return statistics.median(self.times)
 
     @property
-    def p95(self) -> float:
+    def mean(self) -> float:
+        return statistics.mean(self.times)
+
+    def percentile(self, p: float) -> float:
+        """Nearest-rank percentile (``p`` in 0..100) of the run times."""
         s = sorted(self.times)
-        return s[min(len(s) - 1, round(0.95 * (len(s) - 1)))]
+        return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+    @property
+    def p95(self) -> float:
+        return self.percentile(95)
+
+    @property
+    def p99(self) -> float:
+        return self.percentile(99)
 
     @property
     def std(self) -> float:
@@ -46,6 +58,21 @@ class Timing:
     def cv(self) -> float:
         """Coefficient of variation in percent."""
         return 100.0 * self.std / statistics.mean(self.times) if self.times else 0.0
+
+    def record(self, items: float | None = None) -> dict[str, float | list[float]]:
+        """JSON-ready figures in milliseconds; ``items`` per call (queries, tokens) adds throughput per second."""
+        rec: dict[str, float | list[float]] = {
+            "mean_ms": self.mean * 1e3,
+            "median_ms": self.median * 1e3,
+            "p95_ms": self.p95 * 1e3,
+            "p99_ms": self.p99 * 1e3,
+            "std_ms": self.std * 1e3,
+            "cv_pct": self.cv,
+            "times_ms": [t * 1e3 for t in self.times],
+        }
+        if items is not None:
+            rec["throughput_per_s"] = items / self.median
+        return rec
 
 
 def synchronize(device: torch.device | str) -> None:

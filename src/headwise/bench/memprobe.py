@@ -18,8 +18,38 @@ from headwise.bench.harness import peak_rss_bytes, reset_peak_rss
 from headwise.bench.kernels import Case, build, make_inputs
 
 
+def _peak_of(fn, device: str) -> int:
+    """Growth of the memory high-water mark during one call of ``fn``."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.max_memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = reset_peak_rss()
+    fn()
+    return peak_rss_bytes() - before
+
+
+def module_probe(spec: dict) -> dict:
+    """Peak extra memory of one module forward of :mod:`headwise.bench.modules`."""
+    from headwise.bench.modules import gqa_fns, module_fns
+
+    if "weights" in spec:
+        fns = module_fns(bool(spec["weights"]), int(spec.get("L", 1024)))
+    else:
+        fns = gqa_fns(int(spec.get("L", 4096)))
+    fn = fns[spec["impl"]]
+    fn()  # warm-up at full size: large blocks are returned to the OS when freed, thread pools are not
+    return {"peak_extra_bytes": _peak_of(fn, "cpu")}
+
+
 def main(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    if spec.get("suite") == "modules":
+        print(json.dumps(module_probe(spec)))
+        return
     device = spec.get("device", "cpu")
     case = Case(spec["variant"], int(spec["L"]), bool(spec.get("backward", False)))
     # Warm up on a tiny case first: thread pools, kernel JITs and the autograd engine
@@ -35,17 +65,7 @@ def main(spec_json: str) -> None:
     if isinstance(fn, str):  # e.g. skipped at this length only
         print(json.dumps({"skipped": fn}))
         return
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.max_memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = reset_peak_rss()
-        fn()
-        peak = peak_rss_bytes() - before
+    peak = _peak_of(fn, device)
     # What the call must hand back anyway: the output and, with backward, dq, dk, dv.
     returned = q.numel() // case.d * case.d * q.element_size()
     if case.backward:

@@ -7,44 +7,41 @@ in eval mode under ``torch.inference_mode`` takes its native fast path when it c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from headwise.bench.harness import Timing, time_interleaved
+from headwise.bench.harness import Timing, measure_in_subprocess, time_interleaved
 from headwise.modules import MultiHeadAttention
 
 
-def run_modules(repeat: int, L: int = 1024, L_gqa: int = 4096, embed: int = 512, heads: int = 8, batch: int = 4):
+def module_fns(
+    weights: bool, L: int = 1024, embed: int = 512, heads: int = 8, batch: int = 4
+) -> dict[str, Callable[[], object]]:
+    """torch's and our MHA forward on the same weights and input (eval, inference mode)."""
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(embed, heads, batch_first=True).eval()
     ours = MultiHeadAttention.from_torch(theirs).eval()
     x = torch.randn(batch, L, embed)
-    rows = []
 
-    def torch_fwd(weights: bool):
-        def run():
-            with torch.inference_mode():
-                return theirs(x, x, x, need_weights=weights)[0]
+    def torch_fwd():
+        with torch.inference_mode():
+            return theirs(x, x, x, need_weights=weights)[0]
 
-        return run
+    def ours_fwd():
+        with torch.inference_mode():
+            return ours(x, need_weights=weights).out
 
-    def ours_fwd(weights: bool):
-        def run():
-            with torch.inference_mode():
-                return ours(x, need_weights=weights).out
+    return {"torch nn.MultiheadAttention": torch_fwd, "headwise MultiHeadAttention": ours_fwd}
 
-        return run
 
-    for weights in (False, True):
-        t = time_interleaved(
-            {"torch nn.MultiheadAttention": torch_fwd(weights), "headwise MultiHeadAttention": ours_fwd(weights)},
-            repeat=repeat,
-        )
-        rows.append(_row(f"forward L={L} E={embed} H={heads} N={batch}, need_weights={weights}", t))
-
+def gqa_fns(L: int = 4096, embed: int = 512, heads: int = 8) -> dict[str, Callable[[], object]]:
+    """Our MHA 8/8 and GQA 8/2 forward on one sequence of length L."""
+    torch.manual_seed(0)
     mha = MultiHeadAttention(embed, heads).eval()
     gqa = MultiHeadAttention(embed, heads, num_kv_heads=2).eval()
-    xg = torch.randn(1, L_gqa, embed)
+    xg = torch.randn(1, L, embed)
 
     def fwd(m):
         def run():
@@ -53,13 +50,42 @@ def run_modules(repeat: int, L: int = 1024, L_gqa: int = 4096, embed: int = 512,
 
         return run
 
-    t = time_interleaved({"headwise MHA 8/8": fwd(mha), "headwise GQA 8/2": fwd(gqa)}, repeat=repeat)
-    row = _row(f"forward L={L_gqa} E={embed} N=1: GQA 8/2 vs MHA 8/8", t)
+    return {"headwise MHA 8/8": fwd(mha), "headwise GQA 8/2": fwd(gqa)}
+
+
+def run_modules(
+    repeat: int, L: int = 1024, L_gqa: int = 4096, embed: int = 512, heads: int = 8, batch: int = 4
+) -> dict[str, list[dict]]:
+    """Time both comparisons; ``rows`` hold the speed-ups, ``records`` one entry per (case, implementation)."""
+    rows, records = [], []
+    for weights in (False, True):
+        case = f"forward L={L} E={embed} H={heads} N={batch}, need_weights={weights}"
+        t = time_interleaved(module_fns(weights, L, embed, heads, batch), repeat=repeat)
+        rows.append(_row(case, t))
+        records += [{"case": case, "impl": name, **tm.record(items=batch * L)} for name, tm in t.items()]
+
+    case = f"forward L={L_gqa} E={embed} N=1: GQA 8/2 vs MHA 8/8"
+    t = time_interleaved(gqa_fns(L_gqa, embed, heads), repeat=repeat)
+    row = _row(case, t)
+    records += [{"case": case, "impl": name, **tm.record(items=L_gqa)} for name, tm in t.items()]
     # GQA shrinks the k/v projections, not the attention: every query head still scores
     # every key. The FLOP ratio bounds the speed-up any implementation can reach.
     row["flop_bound"] = forward_flops(L_gqa, embed, heads, heads) / forward_flops(L_gqa, embed, heads, 2)
     rows.append(row)
-    return rows
+    return {"rows": rows, "records": records}
+
+
+def run_module_memory(L: int = 1024, L_gqa: int = 4096) -> list[dict]:
+    """Peak extra memory of each module forward, each in a fresh subprocess."""
+    out = []
+    for weights in (False, True):
+        for impl in module_fns(weights, 8, 16, 2, 1):
+            spec = {"suite": "modules", "impl": impl, "weights": weights, "L": L}
+            out.append({**spec, **measure_in_subprocess("headwise.bench.memprobe", spec)})
+    for impl in gqa_fns(8, 16, 2):
+        spec = {"suite": "modules", "impl": impl, "L": L_gqa}
+        out.append({**spec, **measure_in_subprocess("headwise.bench.memprobe", spec)})
+    return out
 
 
 def forward_flops(L: int, embed: int, heads: int, kv_heads: int, batch: int = 1) -> float:
@@ -85,23 +111,51 @@ def _row(case: str, timings: dict[str, Timing]) -> dict:
     }
 
 
-def to_markdown(rows: list[dict], command: str, info: dict) -> str:
+def to_markdown(result: dict, command: str, info: dict) -> str:
+    rows, memory = result["rows"], result.get("memory", [])
     lines = [
         "# Module benchmark: headwise MultiHeadAttention vs torch nn.MultiheadAttention",
         "",
         f"Command: `{command}`",
         "",
         f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}; "
-        f"load average at start {info['load_average'][0]:.2f}. Medians of interleaved runs after a warm-up.",
+        f"load average at start {info['load_average'][0]:.2f}. Medians of interleaved runs after a warm-up; "
+        "CV% flagged `!` above 10%.",
         "",
         "| case | baseline | ms (CV%) | candidate | ms (CV%) | speed-up (baseline / candidate) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        flags = ["!" if r[f"{w}_cv"] > 10 else "" for w in ("baseline", "candidate")]
         lines.append(
-            f"| {r['case']} | {r['baseline']} | {r['baseline_ms']:.2f} ({r['baseline_cv']:.1f}) | {r['candidate']} "
-            f"| {r['candidate_ms']:.2f} ({r['candidate_cv']:.1f}) | {r['speedup']:.2f}x |"
+            f"| {r['case']} | {r['baseline']} | {r['baseline_ms']:.2f} ({r['baseline_cv']:.1f}{flags[0]}) "
+            f"| {r['candidate']} | {r['candidate_ms']:.2f} ({r['candidate_cv']:.1f}{flags[1]}) | {r['speedup']:.2f}x |"
         )
+    if result.get("records"):
+        lines += [
+            "",
+            "## Latency distribution",
+            "",
+            "| case | implementation | avg ms | p50 ms | p95 ms | p99 ms | tokens/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["records"]:
+            lines.append(
+                f"| {r['case']} | {r['impl']} | {r['mean_ms']:.2f} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} "
+                f"| {r['p99_ms']:.2f} | {r['throughput_per_s']:,.0f} |"
+            )
+    if memory:
+        lines += [
+            "",
+            "## Peak extra memory of one forward (fresh subprocess per row, resident-set high-water mark)",
+            "",
+            "| implementation | case | peak extra MiB |",
+            "|---|---|---|",
+        ]
+        for m in memory:
+            case = f"need_weights={m['weights']}, L={m['L']}" if "weights" in m else f"L={m['L']}, N=1"
+            val = f"{m['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in m else m.get("error", "?")
+            lines.append(f"| {m['impl']} | {case} | {val} |")
     for r in rows:
         if "flop_bound" in r:
             lines += [

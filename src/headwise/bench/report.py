@@ -45,14 +45,8 @@ def run_kernels(
         for impl, r in res.items():
             rec = {"variant": case.variant, "L": case.L, "backward": case.backward, "impl": impl}
             if isinstance(r, Timing):
-                rec.update(
-                    median_ms=r.median * 1e3,
-                    p95_ms=r.p95 * 1e3,
-                    std_ms=r.std * 1e3,
-                    cv_pct=r.cv,
-                    gflops=case.useful_flops() / r.median / 1e9,
-                    times_ms=[t * 1e3 for t in r.times],
-                )
+                # Throughput in query tokens per second (B*L per call).
+                rec.update(r.record(items=case.B * case.L), gflops=case.useful_flops() / r.median / 1e9)
             else:
                 rec["note"] = r
             records.append(rec)
@@ -164,7 +158,8 @@ def to_markdown(result: dict, command: str) -> str:
         f"measured matmul peak {peak} GFLOP/s; load average at start {info['load_average_at_start']:.2f}.",
         "",
         f"B=1, H=8, d=64, float32. Median of {result['repeat']} interleaved runs after one warm-up; "
-        "p95, CV% (flagged `!` above 10%), useful GFLOP/s (4*B*H*pairs*d, x3.5 with backward) "
+        "mean, p50, p95, p99, CV% (flagged `!` above 10%), throughput in query tokens per second, "
+        "useful GFLOP/s (4*B*H*pairs*d, x3.5 with backward) "
         "and % of the matmul peak. `vs best` = this time / the fastest competitor's time in the same case "
         "(below 1 is faster). Competitors: " + ", ".join(COMPETITORS) + ".",
         "",
@@ -181,7 +176,11 @@ def to_markdown(result: dict, command: str) -> str:
         key = (r["variant"], r["backward"], r["L"])
         if key not in keys:
             keys.append(key)
-    lines += ["| case | L | implementation | median ms | p95 ms | CV% | GFLOP/s | % peak | vs best |", "|---" * 9 + "|"]
+    lines += [
+        "| case | L | implementation | avg ms | p50 ms | p95 ms | p99 ms | CV% | tokens/s | GFLOP/s | % peak "
+        "| vs best |",
+        "|---" * 12 + "|",
+    ]
     for variant, backward, L in keys:
         rows = [r for r in rec if (r["variant"], r["backward"], r["L"]) == (variant, backward, L)]
         comp = [r for r in rows if r["impl"] in COMPETITORS and "median_ms" in r]
@@ -192,11 +191,12 @@ def to_markdown(result: dict, command: str) -> str:
                 flag = "!" if r["cv_pct"] > 10 else ""
                 vs = f"{r['median_ms'] / best:.2f}" if best else "-"
                 lines.append(
-                    f"| {label} | {L} | {r['impl']} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} "
-                    f"| {r['cv_pct']:.1f}{flag} | {r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% | {vs} |"
+                    f"| {label} | {L} | {r['impl']} | {r['mean_ms']:.2f} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} "
+                    f"| {r['p99_ms']:.2f} | {r['cv_pct']:.1f}{flag} | {r['throughput_per_s']:,.0f} "
+                    f"| {r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% | {vs} |"
                 )
             else:
-                lines.append(f"| {label} | {L} | {r['impl']} | {r['note']} | | | | | |")
+                lines.append(f"| {label} | {L} | {r['impl']} | {r['note']} |" + " |" * 8)
     if result["memory"]:
         lines += ["", "## Peak extra memory (fresh subprocess per row)", ""]
         lines += [

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops
+from headwise.profiling import AV, MASK_SCORE, QK, SOFTMAX, scope
 
 _SECONDS_PER_FLOP = 1 / 150e9
 _SECONDS_PER_ELEMENT = 1.6e-9  # per logit, for the elementwise passes over L x S
@@ -29,16 +30,24 @@ def _logits(req: Request, q: Tensor, k: Tensor, q0: int, n: int, inplace: bool) 
     B, Hq, Hkv, L, S, E, Ev = req.shape
     G = Hq // Hkv
     rows = q[:, :, q0 : q0 + n].reshape(B, Hkv, G * n, q.shape[-1])
-    if req.score is not None and req.score.replaces_similarity:
-        s = req.score.similarity(rows, k) * req.scale
-    else:
-        # Scaling the n*E queries is cheaper than scaling the n*S logits.
-        s = torch.matmul(rows * req.scale, k.transpose(-1, -2))
-    if s.dtype in (torch.float16, torch.bfloat16):
-        s = s.float()
+    with scope(QK):
+        if req.score is not None and req.score.replaces_similarity:
+            s = req.score.similarity(rows, k) * req.scale
+        else:
+            # Scaling the n*E queries is cheaper than scaling the n*S logits.
+            s = torch.matmul(rows * req.scale, k.transpose(-1, -2))
+        if s.dtype in (torch.float16, torch.bfloat16):
+            s = s.float()
     if req.score is None and req.mask is None:
         return s
-    dev = q.device
+    with scope(MASK_SCORE):
+        return _mask_and_modify(req, s, q0, n, inplace)
+
+
+def _mask_and_modify(req: Request, s: Tensor, q0: int, n: int, inplace: bool) -> Tensor:
+    B, Hq, Hkv, L, S, E, Ev = req.shape
+    G = Hq // Hkv
+    dev = s.device
     b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
     h = torch.arange(Hq, device=dev).view(1, Hkv, G, 1, 1)
     qi = torch.arange(q0, q0 + n, device=dev).view(1, 1, 1, n, 1)
@@ -69,17 +78,18 @@ def _eager_autograd(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionO
     # torch's fused softmax makes fewer passes over L x S than max/exp/sum/div by hand. Two
     # cheap row maxima recover lse and the max weight: the softmax keeps the argmax, so
     # lse = m - log(max w), exact because max w >= 1/S never underflows.
-    m = s.amax(dim=-1, keepdim=True)
-    empty = m == float("-inf")  # rows with nothing to attend to would give NaN
-    any_empty = bool(empty.any())
-    if any_empty:
-        s = s.masked_fill(empty, 0.0)
-    weights = torch.softmax(s, dim=-1)
-    w_max = weights.amax(dim=-1, keepdim=True)
-    if any_empty:
-        weights = weights.masked_fill(empty, 0.0)
-        w_max = w_max.masked_fill(empty, 0.0)
-    lse = torch.where(empty, float("-inf"), m - torch.log(torch.where(empty, 1.0, w_max)))
+    with scope(SOFTMAX):
+        m = s.amax(dim=-1, keepdim=True)
+        empty = m == float("-inf")  # rows with nothing to attend to would give NaN
+        any_empty = bool(empty.any())
+        if any_empty:
+            s = s.masked_fill(empty, 0.0)
+        weights = torch.softmax(s, dim=-1)
+        w_max = weights.amax(dim=-1, keepdim=True)
+        if any_empty:
+            weights = weights.masked_fill(empty, 0.0)
+            w_max = w_max.masked_fill(empty, 0.0)
+        lse = torch.where(empty, float("-inf"), m - torch.log(torch.where(empty, 1.0, w_max)))
     stats = None
     if req.need_stats:
         entropy = -torch.special.xlogy(weights, weights).sum(dim=-1)
@@ -87,7 +97,8 @@ def _eager_autograd(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionO
     w_in = weights.to(v.dtype)
     if req.dropout_p > 0:
         w_in = F.dropout(w_in, req.dropout_p, training=True)
-    out = torch.matmul(w_in, v).view(B, Hq, L, Ev)
+    with scope(AV):
+        out = torch.matmul(w_in, v).view(B, Hq, L, Ev)
     w_out = weights.view(B, Hq, L, S).to(req.q.dtype) if req.need_weights else None
     return AttentionOutput(out=out, weights=w_out, stats=stats, lse=lse.view(B, Hq, L), backend="eager")
 
@@ -107,13 +118,14 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
     for q0 in range(0, L, n):
         c = min(n, L - q0)
         p = _logits(req, q, k, q0, c, inplace=True)
-        m = p.amax(dim=-1, keepdim=True)
-        m_safe = torch.where(m == float("-inf"), 0.0, m)  # rows with nothing to attend to
-        p.sub_(m_safe).exp_()
-        denom = p.sum(dim=-1, keepdim=True)
-        has = denom != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
-        denom_safe = torch.where(has, denom, 1.0)
-        p.div_(denom_safe)
+        with scope(SOFTMAX):
+            m = p.amax(dim=-1, keepdim=True)
+            m_safe = torch.where(m == float("-inf"), 0.0, m)  # rows with nothing to attend to
+            p.sub_(m_safe).exp_()
+            denom = p.sum(dim=-1, keepdim=True)
+            has = denom != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
+            denom_safe = torch.where(has, denom, 1.0)
+            p.div_(denom_safe)
         rows = (slice(None), slice(None), slice(None), slice(q0, q0 + c))
         lse[rows] = torch.where(has, m_safe + torch.log(denom_safe), float("-inf")).view(B, Hkv, G, c)
         if req.need_stats:
@@ -124,7 +136,8 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
         w_in = p.to(v.dtype)
         if req.dropout_p > 0:
             w_in = F.dropout(w_in, req.dropout_p, training=True)
-        out[rows] = torch.matmul(w_in, v).view(B, Hkv, G, c, Ev)
+        with scope(AV):
+            out[rows] = torch.matmul(w_in, v).view(B, Hkv, G, c, Ev)
     stats = AttentionStats(entropy.view(B, Hq, L), max_w.view(B, Hq, L)) if req.need_stats else None
     return AttentionOutput(
         out=out.view(B, Hq, L, Ev),

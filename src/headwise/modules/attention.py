@@ -18,6 +18,7 @@ from headwise.attend import attend
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.kernels.base import AttentionStats
 from headwise.masks import Mask, MaskFn, _PerHeadWindows, and_masks, as_mask, padding
+from headwise.profiling import ATTENTION_CORE, OUTPUT_PROJECTION, QKV_PROJECTION, scope
 from headwise.scores import Score, ScoreFn, _Alibi
 
 
@@ -169,24 +170,27 @@ class MultiHeadAttention(nn.Module):
         """
         query, key, value = self._check_inputs(query, key, value)
         N, S = query.shape[0], (key if key is not None else query).shape[1]
-        q, k, v = self.project(query, key, value)
+        with scope(QKV_PROJECTION):
+            q, k, v = self.project(query, key, value)
         masks = [m for m in (self.mask, mask) if m is not None]
         if key_padding_mask is not None:
             masks.append(self._padding(key_padding_mask, N, S))
         combined = None if not masks else masks[0] if len(masks) == 1 else and_masks(*masks)
-        res = attend(
-            q,
-            k,
-            v,
-            mask=combined,
-            score=self.score,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-            need_stats=need_stats,
-            backend=backend,
-        )
-        heads = res.out * self.head_gates.view(1, -1, 1, 1).to(res.out.dtype)
-        out = self.out_proj(rearrange(heads, "n h l d -> n l (h d)"))
+        with scope(ATTENTION_CORE):
+            res = attend(
+                q,
+                k,
+                v,
+                mask=combined,
+                score=self.score,
+                dropout_p=self.dropout if self.training else 0.0,
+                need_weights=need_weights,
+                need_stats=need_stats,
+                backend=backend,
+            )
+        with scope(OUTPUT_PROJECTION):
+            heads = res.out * self.head_gates.view(1, -1, 1, 1).to(res.out.dtype)
+            out = self.out_proj(rearrange(heads, "n h l d -> n l (h d)"))
         if not self.batch_first:
             out = out.transpose(0, 1)
         return MHAOutput(out, res.weights, res.stats, res.backend)
