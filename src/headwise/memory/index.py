@@ -1,0 +1,246 @@
+"""The faiss side of a vector memory: an exact or HNSW index over slots, with tombstones.
+
+faiss numbers the vectors of ``IndexFlat*`` and ``IndexHNSWFlat`` 0, 1, 2, ... in the order
+they were added: that number is a *slot*. This module keeps, per slot, the record's ``seq``
+(the never-reused insertion number from SQLite) and its user id, plus a ``live`` flag.
+
+Delete: ``IndexHNSWFlat`` has no ``remove_ids``, and removing from an ``IndexFlat`` shifts
+every later slot. Both kinds therefore mark deleted slots as tombstones and search with a
+faiss ``IDSelectorBitmap`` of the live slots, so a deleted id is never returned, the flat
+search stays exact, and HNSW still walks through deleted nodes (the graph keeps its links).
+:meth:`SlotIndex.compact` rebuilds the index from the live slots; the store calls it when
+tombstones pass a fraction of the slots and on ``save``.
+
+Scores are "higher is better" for every metric: cosine similarity, inner product, or the
+*negative squared* L2 distance; padding is id -1 with score -inf.
+
+Shapes: n queries, d dims, k results -> scores (n, k) float32, ids (n, k) int64.
+
+Example:
+    >>> import numpy as np
+    >>> idx = SlotIndex(2, "l2", "flat")
+    >>> idx.add(np.array([0, 1]), np.array([10, 11]), np.array([[0, 0], [3, 4]], dtype=np.float32))
+    >>> idx.remove_seqs(np.array([0]))
+    >>> scores, ids, _ = idx.search(np.zeros((1, 2), dtype=np.float32), 2)
+    >>> ids.tolist(), scores.tolist()
+    ([[11, -1]], [[-25.0, -inf]])
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from headwise.errors import HeadwiseError
+
+METRICS = ("cosine", "ip", "l2")
+INDEX_KINDS = ("flat", "hnsw")
+
+
+class _Growable:
+    """An int64 array with amortised O(1) append (adds one at a time must not be quadratic)."""
+
+    def __init__(self, values: np.ndarray | None = None, dtype: type = np.int64) -> None:
+        data = np.asarray(values if values is not None else [], dtype=dtype)
+        self._buf = data.copy() if len(data) else np.empty(16, dtype=dtype)
+        self._n = len(data)
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self._n + len(values)
+        if need > len(self._buf):
+            grown = np.empty(max(need, 2 * len(self._buf)), dtype=self._buf.dtype)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : need] = values
+        self._n = need
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+
+class SlotIndex:
+    """A faiss index plus per-slot (seq, id, live); see the module docstring."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: str,
+        kind: str,
+        *,
+        hnsw_m: int = 32,
+        ef_construction: int = 200,
+        ef_search: int = 64,
+        index: faiss.Index | None = None,
+        slot_seq: np.ndarray | None = None,
+    ) -> None:
+        self.dim, self.metric, self.kind = dim, metric, kind
+        self.hnsw_m, self.ef_construction = hnsw_m, ef_construction
+        self._ef_search = ef_search
+        self.index = index if index is not None else self._new_index()
+        if kind == "hnsw":
+            self.index.hnsw.efSearch = ef_search
+        seqs = slot_seq if slot_seq is not None else np.empty(0, dtype=np.int64)
+        if len(seqs) != self.index.ntotal:
+            raise HeadwiseError(f"index: expected {self.index.ntotal} slot numbers, got {len(seqs)}")
+        self._seq = _Growable(seqs)
+        self._id = _Growable(np.full(len(seqs), -1, dtype=np.int64))
+        self._live = _Growable(np.zeros(len(seqs), dtype=bool), dtype=bool)
+        self._n_live = 0
+        self._params: faiss.SearchParameters | None = None
+        self._bitmap: np.ndarray | None = None  # kept alive while faiss holds a pointer into it
+        self._selector: faiss.IDSelector | None = None
+
+    def _new_index(self) -> faiss.Index:
+        faiss_metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if self.kind == "flat":
+            return faiss.IndexFlatL2(self.dim) if self.metric == "l2" else faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss_metric)
+        index.hnsw.efConstruction = self.ef_construction
+        return index
+
+    # ------------------------------------------------------------------ state
+    @property
+    def n_slots(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def n_live(self) -> int:
+        return self._n_live
+
+    @property
+    def slot_seq(self) -> np.ndarray:
+        return self._seq.view
+
+    @property
+    def ef_search(self) -> int:
+        return self._ef_search
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        self._ef_search = int(value)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = self._ef_search
+        self._params = None
+
+    def set_live(self, seqs: np.ndarray, ids: np.ndarray) -> None:
+        """Mark the slots whose seq is in ``seqs`` (sorted) live with the matching ``ids``; the others dead."""
+        slot_seq = self._seq.view
+        pos = np.searchsorted(seqs, slot_seq)
+        pos_c = np.minimum(pos, max(len(seqs) - 1, 0))
+        live = (pos < len(seqs)) & (seqs[pos_c] == slot_seq) if len(seqs) else np.zeros(len(slot_seq), dtype=bool)
+        self._live.view[:] = live
+        self._id.view[:] = np.where(live, ids[pos_c] if len(ids) else -1, -1)
+        self._n_live = int(live.sum())
+        self._params = None
+
+    # ------------------------------------------------------------------ writes
+    def add(self, seqs: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Append ``vectors`` (n, d) float32 (already normalised for cosine) as live slots."""
+        if len(vectors) == 0:
+            return
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self._seq.extend(seqs)
+        self._id.extend(ids)
+        self._live.extend(np.ones(len(seqs), dtype=bool))
+        self._n_live += len(seqs)
+        self._params = None
+
+    def remove_seqs(self, seqs: np.ndarray) -> None:
+        """Tombstone the slots of ``seqs`` (unknown seqs are ignored)."""
+        hit = np.isin(self._seq.view, seqs) & self._live.view
+        self._live.view[hit] = False
+        self._id.view[hit] = -1
+        self._n_live -= int(hit.sum())
+        self._params = None
+
+    def compact(self) -> None:
+        """Rebuild the index from the live slots only (drops tombstones; rebuilds the HNSW graph)."""
+        live_slots = np.flatnonzero(self._live.view)
+        vectors = self.reconstruct(live_slots)
+        seqs, ids = self._seq.view[live_slots].copy(), self._id.view[live_slots].copy()
+        self.index = self._new_index()
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = self._ef_search
+        self._seq, self._id = _Growable(), _Growable()
+        self._live = _Growable(dtype=bool)
+        self._n_live = 0
+        self.add(seqs, ids, vectors)
+
+    # ------------------------------------------------------------------ reads
+    def reconstruct(self, slots: np.ndarray) -> np.ndarray:
+        """Stored vectors (len(slots), d) of ``slots`` (faiss keeps them in the flat storage)."""
+        if len(slots) == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self.index.reconstruct_batch(np.ascontiguousarray(slots, dtype=np.int64))
+
+    def _search_params(self) -> faiss.SearchParameters | None:
+        if self._n_live == self.n_slots:
+            return None  # no tombstones: no filter, and HNSW uses index.hnsw.efSearch
+        if self._params is None:
+            self._bitmap = np.packbits(self._live.view, bitorder="little")
+            sel = faiss.IDSelectorBitmap(self.n_slots, faiss.swig_ptr(self._bitmap))
+            if self.kind == "hnsw":
+                # A params object replaces index.hnsw.efSearch, so it must carry ef_search.
+                self._params = faiss.SearchParametersHNSW(sel=sel, efSearch=self._ef_search)
+            else:
+                self._params = faiss.SearchParameters(sel=sel)
+            self._selector = sel  # the params hold a raw pointer to it: keep it alive
+        return self._params
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k of ``queries`` (n, d): scores (n, k) float32, ids (n, k) int64, slots (n, k) int64."""
+        n = len(queries)
+        if self._n_live == 0 or n == 0:
+            return (
+                np.full((n, k), -np.inf, dtype=np.float32),
+                np.full((n, k), -1, dtype=np.int64),
+                np.full((n, k), -1, dtype=np.int64),
+            )
+        D, slots = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._search_params())
+        missing = slots < 0
+        scores = -D if self.metric == "l2" else D
+        scores[missing] = -np.inf
+        ids = np.where(missing, -1, self._id.view[np.where(missing, 0, slots)])
+        return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False), slots
+
+    def memory_bytes(self) -> int:
+        """Bytes faiss holds for this index: vector codes, plus the HNSW graph (neighbours, levels, offsets)."""
+        index = self.index
+        if self.kind == "flat":
+            return int(index.ntotal * index.code_size)
+        hnsw = index.hnsw
+        graph = hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8
+        storage = faiss.downcast_index(index.storage)
+        return int(storage.ntotal * storage.code_size + graph)
+
+    # ------------------------------------------------------------------ files
+    def serialize(self) -> tuple[bytes, bytes]:
+        """(faiss index bytes, slot seq bytes as .npy) for the store's checksummed files."""
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, self._seq.view, allow_pickle=False)
+        return faiss.serialize_index(self.index).tobytes(), buf.getvalue()
+
+    @classmethod
+    def deserialize(
+        cls, index_bytes: bytes, seq_bytes: bytes, dim: int, metric: str, kind: str, **hnsw: int
+    ) -> SlotIndex:
+        """Inverse of :meth:`serialize`, checking that the index has the store's type, dim and metric."""
+        import io
+
+        index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+        expected = (
+            (faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP) if kind == "flat" else faiss.IndexHNSWFlat
+        )
+        faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if not isinstance(index, expected) or index.d != dim or index.metric_type != faiss_metric:
+            raise HeadwiseError(
+                f"index file: expected {expected.__name__} of dim {dim} ({metric}), "
+                f"got {type(index).__name__} of dim {index.d} (metric {index.metric_type})"
+            )
+        seqs = np.load(io.BytesIO(seq_bytes), allow_pickle=False)
+        if seqs.dtype != np.int64 or seqs.ndim != 1:
+            raise HeadwiseError(f"slot file: expected a 1-d int64 array, got {seqs.dtype} {seqs.shape}")
+        return cls(dim, metric, kind, index=index, slot_seq=seqs, **hnsw)

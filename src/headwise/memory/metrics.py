@@ -1,0 +1,96 @@
+"""Latency and throughput of a memory's operations, exportable as JSON and Markdown.
+
+Each operation name ("add", "search", "search_batch", "refine", ...) keeps the number of
+calls, the number of items (vectors or queries) they handled, the busy time, and the
+latencies of the last ``window`` calls for percentiles. Latencies are per call, in
+microseconds; throughput is items per second of busy time (time spent inside the calls),
+so idle gaps between calls do not lower it.
+
+Example:
+    >>> m = MetricsCollector()
+    >>> m.record("search", 0.002, items=1)
+    >>> m.record("search", 0.004, items=1)
+    >>> s = m.summary()["search"]
+    >>> s["count"], s["mean_us"], s["p50_us"], s["throughput_per_s"]
+    (2, 3000.0, 3000.0, 333.3)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class _Op:
+    latencies_s: deque[float]
+    calls: int = 0
+    items: int = 0
+    busy_s: float = 0.0
+
+
+class MetricsCollector:
+    """Per-operation counters and latency samples (see the module docstring)."""
+
+    def __init__(self, window: int = 100_000) -> None:
+        self.window = window
+        self._ops: dict[str, _Op] = {}
+
+    def record(self, op: str, seconds: float, items: int = 1) -> None:
+        """One call of ``op`` that took ``seconds`` and handled ``items`` vectors or queries."""
+        entry = self._ops.get(op)
+        if entry is None:
+            entry = self._ops[op] = _Op(deque(maxlen=self.window))
+        entry.latencies_s.append(seconds)
+        entry.calls += 1
+        entry.items += items
+        entry.busy_s += seconds
+
+    @contextmanager
+    def timer(self, op: str, items: int = 1) -> Iterator[None]:
+        """Record the time spent in the ``with`` block (also when it raises: failed calls cost time too)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(op, time.perf_counter() - start, items)
+
+    def reset(self) -> None:
+        self._ops.clear()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per operation: count, items, mean/min/max/p50/p95/p99 latency (us), throughput (items/s)."""
+        out: dict[str, dict[str, float]] = {}
+        for name, op in sorted(self._ops.items()):
+            lat = np.asarray(op.latencies_s, dtype=np.float64) * 1e6
+            p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+            out[name] = {
+                "count": op.calls,
+                "items": op.items,
+                "total_ms": round(op.busy_s * 1e3, 3),
+                "mean_us": round(float(lat.mean()), 1),
+                "min_us": round(float(lat.min()), 1),
+                "max_us": round(float(lat.max()), 1),
+                "p50_us": round(float(p50), 1),
+                "p95_us": round(float(p95), 1),
+                "p99_us": round(float(p99), 1),
+                "throughput_per_s": round(op.items / op.busy_s, 1) if op.busy_s > 0 else 0.0,
+            }
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.summary(), indent=2)
+
+    def to_markdown(self) -> str:
+        """A Markdown table, one row per operation."""
+        cols = ["count", "items", "mean_us", "p50_us", "p95_us", "p99_us", "throughput_per_s"]
+        lines = ["| operation | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, s in self.summary().items():
+            lines.append(f"| {name} | " + " | ".join(f"{s[c]:g}" for c in cols) + " |")
+        return "\n".join(lines)

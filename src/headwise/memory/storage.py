@@ -1,0 +1,302 @@
+"""SQLite storage of a vector memory: the source of truth for ids, vectors, metadata and texts.
+
+One table holds every live record; a vector is a float32 BLOB written in the same
+transaction as its id, metadata (JSON text) and text, so a record is either fully present
+or absent. ``seq`` is a counter that is never reused: the faiss index labels its rows by
+``seq``, which lets a stale index file be reconciled with the database (see store.py).
+
+Layout (schema version 1)::
+
+    config(key TEXT PRIMARY KEY, value TEXT)          dim, metric, index, hnsw_*, next_id, next_seq
+    records(id INTEGER PRIMARY KEY, seq INTEGER UNIQUE, vector BLOB, metadata TEXT, text TEXT)
+
+The file carries ``PRAGMA application_id`` so that a database of another program is refused.
+Journal mode is WAL with ``synchronous=FULL``: a commit has reached the disk when it returns.
+
+Shapes: n records of dimension d -> vectors (n, d) float32, ids (n,) int64.
+
+Example:
+    >>> import numpy as np
+    >>> db = Storage.create(None, {"dim": "2", "metric": "l2"})
+    >>> db.insert(np.array([7]), np.array([[1.0, 2.0]], dtype=np.float32), [None], ["seven"])  # -> seq numbers
+    array([0])
+    >>> db.count(), db.fetch_vectors(np.array([7]), 2).tolist(), db.fetch_records(np.array([7, 8]))[1]
+    (1, [[1.0, 2.0]], None)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headwise.errors import HeadwiseError
+
+#: "hwME": marks a SQLite file as a headwise memory (PRAGMA application_id).
+APPLICATION_ID = 0x68774D45
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    vector BLOB NOT NULL,
+    metadata TEXT,
+    text TEXT
+);
+"""
+
+
+def _connect(target: str) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
+    # multi-row insert is one atomic commit and nothing is committed behind our back.
+    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+    if target != ":memory:":
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss too.
+        conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class Storage:
+    """Records of one memory in a SQLite database (a file, or in memory when ``path`` is None)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path | None) -> None:
+        self.conn = conn
+        self.path = path
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, path: Path | None, config: dict[str, str]) -> Storage:
+        """A new database with the schema and ``config`` (all in one transaction)."""
+        conn = _connect(":memory:" if path is None else str(path))
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        rows = {"next_id": "0", "next_seq": "0", **config}
+        conn.executemany("INSERT INTO config(key, value) VALUES (?, ?)", sorted(rows.items()))
+        conn.execute("COMMIT")
+        return cls(conn, path)
+
+    @classmethod
+    def open(cls, path: Path) -> Storage:
+        """Open an existing database, refusing files of other programs and damaged files."""
+        if not path.is_file():
+            raise HeadwiseError(f"database: expected a file at {path}, got none")
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False)
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise HeadwiseError(f"database {path}: expected a headwise memory SQLite file, got {exc}") from exc
+        if app_id != APPLICATION_ID:
+            conn.close()
+            raise HeadwiseError(
+                f"database {path}: expected application_id {APPLICATION_ID:#x} (a headwise memory), got {app_id:#x}"
+            )
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise HeadwiseError(f"database {path}: expected schema version {SCHEMA_VERSION}, got {version}")
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            # quick_check reads every page: a truncated or overwritten file is caught here,
+            # not at the first query that happens to touch the damaged page.
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise HeadwiseError(f"database {path}: expected an intact SQLite file, got {exc}") from exc
+        if problems != ["ok"]:
+            conn.close()
+            raise HeadwiseError(f"database {path}: expected an intact SQLite file, got {'; '.join(problems[:3])}")
+        return cls(conn, path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM config").fetchall())
+
+    def next_ids(self, n: int) -> np.ndarray:
+        """``n`` fresh ids above every id ever used (not reserved: the insert commits them)."""
+        start = int(self.config()["next_id"])
+        return np.arange(start, start + n, dtype=np.int64)
+
+    # ------------------------------------------------------------------ writes
+    def insert(
+        self,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        metadata: Sequence[str | None],
+        texts: Sequence[str | None],
+    ) -> np.ndarray:
+        """Insert validated records in one transaction; returns their ``seq`` numbers (n,) int64.
+
+        ``metadata`` is already JSON text. Raises HeadwiseError (nothing written) when an id exists.
+        """
+        n = len(ids)
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cfg = dict(conn.execute("SELECT key, value FROM config WHERE key IN ('next_id', 'next_seq')").fetchall())
+            seq0 = int(cfg["next_seq"])
+            seqs = np.arange(seq0, seq0 + n, dtype=np.int64)
+            rows = (
+                (int(i), int(s), vectors[j].tobytes(), metadata[j], texts[j]) for j, (i, s) in enumerate(zip(ids, seqs))
+            )
+            conn.executemany("INSERT INTO records(id, seq, vector, metadata, text) VALUES (?, ?, ?, ?, ?)", rows)
+            next_id = max(int(cfg["next_id"]), int(ids.max()) + 1) if n else int(cfg["next_id"])
+            conn.executemany(
+                "UPDATE config SET value = ? WHERE key = ?", [(str(next_id), "next_id"), (str(seq0 + n), "next_seq")]
+            )
+            conn.execute("COMMIT")
+        except sqlite3.IntegrityError as exc:
+            conn.execute("ROLLBACK")
+            raise HeadwiseError(f"ids: expected ids not yet in the memory, got a duplicate ({exc})") from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return seqs
+
+    def delete(self, ids: np.ndarray) -> np.ndarray:
+        """Delete the records of ``ids`` (absent ids are ignored) in one transaction; returns their seqs."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            arg = json.dumps([int(i) for i in ids])
+            seqs = [
+                r[0]
+                for r in conn.execute("SELECT seq FROM records WHERE id IN (SELECT value FROM json_each(?))", (arg,))
+            ]
+            conn.execute("DELETE FROM records WHERE id IN (SELECT value FROM json_each(?))", (arg,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return np.asarray(seqs, dtype=np.int64)
+
+    def checkpoint(self) -> None:
+        """Move the WAL into the main file and truncate it (keeps the -wal file small)."""
+        if self.path is not None:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # ------------------------------------------------------------------ reads
+    def count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
+    def existing(self, ids: np.ndarray) -> np.ndarray:
+        """The subset of ``ids`` that are stored, (m,) int64."""
+        arg = json.dumps([int(i) for i in ids])
+        rows = self.conn.execute("SELECT id FROM records WHERE id IN (SELECT value FROM json_each(?))", (arg,))
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
+    def seq_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seq, id) of every record, ordered by seq; reads the seq index only, not the vectors."""
+        rows = self.conn.execute("SELECT seq, id FROM records ORDER BY seq").fetchall()
+        arr = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        return arr[:, 0].copy(), arr[:, 1].copy()
+
+    def vectors_by_seq(self, seqs: np.ndarray | None, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seq (m,), id (m,), vectors (m, dim)) ordered by seq, for ``seqs`` or for every record."""
+        if seqs is None:
+            rows = self.conn.execute("SELECT seq, id, vector FROM records ORDER BY seq").fetchall()
+        else:
+            arg = json.dumps([int(s) for s in seqs])
+            rows = self.conn.execute(
+                "SELECT seq, id, vector FROM records WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq", (arg,)
+            ).fetchall()
+        return _unpack(rows, dim)
+
+    def fetch_vectors(self, ids: np.ndarray, dim: int) -> np.ndarray:
+        """Vectors (n, d) of ``ids`` in their order; HeadwiseError naming the ids that are absent."""
+        found = self._by_id(ids, "vector")
+        missing = [int(i) for i in ids if int(i) not in found]
+        if missing:
+            raise HeadwiseError(f"ids: expected stored ids, got {len(missing)} absent: {missing[:10]}")
+        if not len(ids):
+            return np.empty((0, dim), dtype=np.float32)
+        return np.stack([np.frombuffer(found[int(i)][0], dtype=np.float32) for i in ids])
+
+    def fetch_records(self, ids: np.ndarray) -> list[tuple[np.ndarray, Any, str | None] | None]:
+        """(vector, metadata, text) per id, None where absent."""
+        found = self._by_id(ids, "vector, metadata, text")
+        out: list[tuple[np.ndarray, Any, str | None] | None] = []
+        for i in ids:
+            row = found.get(int(i))
+            if row is None:
+                out.append(None)
+            else:
+                meta = json.loads(row[1]) if row[1] is not None else None
+                out.append((np.frombuffer(row[0], dtype=np.float32).copy(), meta, row[2]))
+        return out
+
+    def fetch_text_meta(self, ids: np.ndarray) -> dict[int, tuple[Any, str | None]]:
+        found = self._by_id(ids, "metadata, text")
+        return {i: (json.loads(m) if m is not None else None, t) for i, (m, t) in found.items()}
+
+    def _by_id(self, ids: np.ndarray, columns: str) -> dict[int, tuple[Any, ...]]:
+        arg = json.dumps(sorted({int(i) for i in ids}))
+        rows = self.conn.execute(
+            f"SELECT id, {columns} FROM records WHERE id IN (SELECT value FROM json_each(?))", (arg,)
+        ).fetchall()
+        return {r[0]: r[1:] for r in rows}
+
+    def size_bytes(self) -> int:
+        """Bytes of the database: the files on disk (main + WAL), or the pages of an in-memory one."""
+        if self.path is None:
+            pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+            return int(pages * self.conn.execute("PRAGMA page_size").fetchone()[0])
+        total = 0
+        for suffix in ("", "-wal"):
+            f = Path(str(self.path) + suffix)
+            if f.exists():
+                total += f.stat().st_size
+        return total
+
+
+def _unpack(rows: list[tuple[int, int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    seqs = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+    vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+    return seqs, ids, vecs.copy()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, ``os.replace``.
+
+    A reader sees the old file or the new one, never a partial one; temporary names start
+    with ``.`` and end with ``.tmp`` so that leftovers of a crash are recognisable.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename or a new file in it survives power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,549 @@
+"""VectorMemory: an embedded vector store with a faiss-style API, durable on disk.
+
+Search mirrors faiss: ``add(vectors, ids=None)`` and ``search(queries, k) -> (scores, ids)``
+with id -1 and score -inf where fewer than k records exist. Scores are "higher is better"
+for every metric: cosine similarity ("cosine": stored vectors and queries are
+L2-normalised), inner product ("ip"), negative squared L2 distance ("l2").
+
+Durability. SQLite (WAL, ``synchronous=FULL``) is the source of truth: each ``add`` or
+``delete`` is one transaction holding the vectors (float32 BLOBs), ids, metadata and texts,
+and returns only after the commit. The faiss index is a cache of it. On disk ``path/`` holds::
+
+    manifest.json          {"format": "headwise.memory", "version": 1, "index": {file names, sha256, ...}}
+    memory.sqlite (+ -wal) the records
+    index-<token>.faiss    the faiss index as of the last save()        (written by save)
+    slots-<token>.npy      the seq of each faiss slot (int64, no pickle) (written by save)
+
+``save()`` writes the two index files under new names (temporary file, fsync, rename), then
+replaces the manifest atomically, then removes the previous files: at any crash point the
+manifest names complete, checksummed files. ``open()`` verifies the checksums, loads the
+index and reconciles it with SQLite by ``seq`` (records added since the save are added,
+deleted ones become tombstones), so records acknowledged after the last save are never lost;
+without a saved index it rebuilds from SQLite. Leftover temporary and unreferenced files are
+removed on open. One writer process at a time.
+
+Delete on HNSW: faiss's HNSW cannot remove vectors, so deleted slots are tombstones filtered
+inside the faiss search (an ID selector of the live slots); the index is rebuilt without them
+when they pass 25% of the slots, and on ``save()`` (flat: any tombstone; HNSW: over 10%).
+
+With an enhancer (``set_enhancer``), a search takes the top-K candidates (K =
+``enhancer.candidates``), lets the enhancer refine the queries from the candidates'
+vectors and scores, and searches again with the refined queries.
+
+Shapes: n queries, d = ``dim``, k results, K candidates -> scores (n, k) float32, ids (n, k) int64;
+the enhancer sees queries (n, d), candidate vectors (n, K, d), candidate scores (n, K).
+
+Example:
+    >>> import numpy as np
+    >>> mem = VectorMemory(3, metric="l2")
+    >>> mem.add(np.eye(3, dtype=np.float32), metadata=[{"axis": a} for a in "xyz"]).tolist()
+    [0, 1, 2]
+    >>> scores, ids = mem.search(np.array([[0.9, 0.1, 0.0]], dtype=np.float32), k=4)
+    >>> ids.tolist(), [round(s, 2) for s in scores[0].tolist()]
+    ([[0, 1, 2, -1]], [-0.02, -1.62, -1.82, -inf])
+    >>> mem.delete([0]), len(mem), mem.get([1])[0].metadata
+    (1, 2, {'axis': 'y'})
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headwise.errors import HeadwiseError, bad_argument
+from headwise.memory.cache import ResultCache
+from headwise.memory.encoder import TextEncoder
+from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
+from headwise.memory.layout import (
+    DATABASE,
+    create_on_disk,
+    load_index,
+    read_manifest,
+    reconcile,
+    remove_leftovers,
+    sha256,
+    write_manifest,
+)
+from headwise.memory.metrics import MetricsCollector
+from headwise.memory.storage import Storage, atomic_write_bytes
+
+#: Tombstone fraction of the slots above which delete() rebuilds the index in memory.
+COMPACT_AT = 0.25
+#: ... and above which save() rebuilds an HNSW index before writing it (flat: any tombstone).
+COMPACT_HNSW_ON_SAVE_AT = 0.10
+
+
+@dataclass(frozen=True)
+class Record:
+    """A stored record: id, vector (d,) float32, metadata (JSON value or None), text or None."""
+
+    id: int
+    vector: np.ndarray
+    metadata: Any
+    text: str | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result of :meth:`VectorMemory.search_text`."""
+
+    id: int
+    score: float
+    text: str | None
+    metadata: Any
+
+
+class VectorMemory:
+    """An embedded vector store (see the module docstring for the layout and guarantees).
+
+    Args:
+        dim: vector dimension d.
+        metric: "cosine" (default), "ip" or "l2".
+        index: "flat" (exact; for evaluation) or "hnsw" (approximate; for serving).
+        path: a new or empty directory to persist to; None keeps everything in memory.
+        hnsw_m, ef_construction, ef_search: HNSW graph degree, build and search beam widths.
+        encoder: a :class:`~headwise.memory.encoder.TextEncoder` for ``add_texts`` / ``search_text``.
+        cache_size, cache_ttl: LRU result cache entries (0: off) and their lifetime in seconds.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        metric: str = "cosine",
+        index: str = "flat",
+        path: str | Path | None = None,
+        hnsw_m: int = 32,
+        ef_construction: int = 200,
+        ef_search: int = 64,
+        encoder: TextEncoder | None = None,
+        cache_size: int = 0,
+        cache_ttl: float | None = None,
+    ) -> None:
+        _check_positive_int("dim", dim)
+        if metric not in METRICS:
+            raise bad_argument("metric", f"one of {METRICS}", repr(metric))
+        if index not in INDEX_KINDS:
+            raise bad_argument("index", f"one of {INDEX_KINDS}", repr(index))
+        _check_positive_int("hnsw_m", hnsw_m, minimum=2)
+        _check_positive_int("ef_construction", ef_construction)
+        _check_positive_int("ef_search", ef_search)
+        cache = ResultCache(cache_size, cache_ttl)
+        config = {
+            "dim": str(dim),
+            "metric": metric,
+            "index": index,
+            "hnsw_m": str(hnsw_m),
+            "ef_construction": str(ef_construction),
+            "ef_search": str(ef_search),
+        }
+        directory = Path(path) if path is not None else None
+        storage = create_on_disk(directory, config) if directory is not None else Storage.create(None, config)
+        slot_index = SlotIndex(dim, metric, index, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+        self._setup(directory, storage, slot_index, encoder, cache)
+
+    def _setup(
+        self,
+        directory: Path | None,
+        storage: Storage,
+        slot_index: SlotIndex,
+        encoder: TextEncoder | None,
+        cache: ResultCache,
+    ) -> None:
+        self.path = directory
+        self.dim, self.metric, self.index_kind = slot_index.dim, slot_index.metric, slot_index.kind
+        if encoder is not None:
+            enc_dim = getattr(encoder, "dim", None)
+            if enc_dim != self.dim or not callable(getattr(encoder, "encode", None)):
+                storage.close()
+                raise bad_argument("encoder", f"a TextEncoder with dim {self.dim}", f"dim {enc_dim}")
+        self.encoder = encoder
+        self.cache = cache
+        self.metrics = MetricsCollector()
+        self.enhancer: Any = None
+        self._db = storage
+        self._index = slot_index
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ open / save / close
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        encoder: TextEncoder | None = None,
+        cache_size: int = 0,
+        cache_ttl: float | None = None,
+        rebuild_index: bool = False,
+    ) -> VectorMemory:
+        """Open a store written by ``VectorMemory(..., path=...)``.
+
+        Raises HeadwiseError for a missing path, a directory of another program, a manifest of
+        another format version, a damaged database, or an index file whose checksum does not
+        match the manifest (``rebuild_index=True`` then rebuilds the index from SQLite).
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise bad_argument("path", "a directory written by VectorMemory", f"{directory} (not a directory)")
+        manifest = read_manifest(directory)
+        cache = ResultCache(cache_size, cache_ttl)
+        storage = Storage.open(directory / DATABASE)
+        try:
+            cfg = storage.config()
+            dim, metric, kind = int(cfg["dim"]), cfg["metric"], cfg["index"]
+            hnsw = {k: int(cfg[k]) for k in ("hnsw_m", "ef_construction", "ef_search")}
+            if metric not in METRICS or kind not in INDEX_KINDS:
+                raise HeadwiseError(f"database {directory / DATABASE}: unknown metric {metric!r} or index {kind!r}")
+            remove_leftovers(directory, manifest)
+            slot_index = None
+            if manifest.get("index") is not None:
+                slot_index = load_index(directory, manifest["index"], dim, metric, kind, hnsw, rebuild_index)
+            if slot_index is None:
+                slot_index = SlotIndex(dim, metric, kind, **hnsw)
+            reconcile(slot_index, storage)
+        except BaseException:
+            storage.close()
+            raise
+        mem = cls.__new__(cls)
+        mem._setup(directory, storage, slot_index, encoder, cache)
+        return mem
+
+    def save(self) -> None:
+        """Write the faiss index and the manifest so that ``open`` need not rebuild (see the module docstring).
+
+        Records are durable without ``save``: each add/delete is committed to SQLite.
+        """
+        if self.path is None:
+            raise HeadwiseError("save: expected a VectorMemory created with path=..., got an in-memory one")
+        with self._lock:
+            tombstones = self._index.n_slots - self._index.n_live
+            threshold = 0 if self.index_kind == "flat" else COMPACT_HNSW_ON_SAVE_AT * self._index.n_slots
+            if tombstones > threshold:
+                self._index.compact()
+            old = read_manifest(self.path).get("index") or {}
+            index_bytes, slot_bytes = self._index.serialize()
+            token = uuid.uuid4().hex[:16]
+            entry = {
+                "file": f"index-{token}.faiss",
+                "sha256": sha256(index_bytes),
+                "slots_file": f"slots-{token}.npy",
+                "slots_sha256": sha256(slot_bytes),
+                "n_slots": self._index.n_slots,
+                "n_live": self._index.n_live,
+            }
+            atomic_write_bytes(self.path / entry["file"], index_bytes)
+            atomic_write_bytes(self.path / entry["slots_file"], slot_bytes)
+            write_manifest(self.path, entry)
+            for name in (old.get("file"), old.get("slots_file")):
+                if name:
+                    (self.path / name).unlink(missing_ok=True)
+            self._db.checkpoint()
+
+    def close(self) -> None:
+        """Close the database connection (records are already durable)."""
+        self._db.close()
+
+    def __enter__(self) -> VectorMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._index.n_live
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "in memory"
+        return (
+            f"VectorMemory(dim={self.dim}, metric={self.metric!r}, index={self.index_kind!r}, n={len(self)}, {where})"
+        )
+
+    @property
+    def ef_search(self) -> int:
+        """HNSW search beam width (larger: higher recall, slower); ignored by "flat"."""
+        return self._index.ef_search
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        _check_positive_int("ef_search", value)
+        with self._lock:
+            self._index.ef_search = value
+            self.cache.clear()
+
+    # ------------------------------------------------------------------ writes
+    def add(
+        self,
+        vectors: Any,
+        ids: Any = None,
+        metadata: Sequence[Any] | None = None,
+        texts: Sequence[str | None] | None = None,
+    ) -> np.ndarray:
+        """Add vectors (n, d) (or one (d,)) and return their ids (n,) int64.
+
+        ``ids``: non-negative ints not yet stored (None: the next free ids). ``metadata``: one
+        JSON-serialisable value (or None) per vector. ``texts``: one str (or None) per vector.
+        Raises HeadwiseError, leaving the store unchanged, on any bad input.
+        """
+        with self._lock:
+            start = time.perf_counter()
+            x = self._check_vectors(vectors, "vectors")
+            n = len(x)
+            id_arr = self._check_new_ids(ids, n)
+            meta = _check_metadata(metadata, n)
+            txt = _check_texts(texts, n)
+            if n:
+                seqs = self._db.insert(id_arr, x, meta, txt)
+                self._index.add(seqs, id_arr, x)
+                self.cache.clear()
+            self.metrics.record("add", time.perf_counter() - start, n)
+            return id_arr
+
+    def add_texts(self, texts: Sequence[str], metadata: Sequence[Any] | None = None, ids: Any = None) -> np.ndarray:
+        """Encode ``texts`` with the store's encoder and add them (the texts are stored too)."""
+        encoder = self._require_encoder("add_texts")
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise bad_argument("texts", "a sequence of str", type(texts).__name__)
+        vectors = encoder.encode(list(texts)) if len(texts) else np.empty((0, self.dim), dtype=np.float32)
+        return self.add(vectors, ids=ids, metadata=metadata, texts=list(texts))
+
+    def delete(self, ids: Any) -> int:
+        """Delete the records of ``ids`` (absent ids are ignored); returns how many were deleted."""
+        id_arr = _as_ids(ids, "ids")
+        with self._lock:
+            seqs = self._db.delete(id_arr) if len(id_arr) else np.empty(0, dtype=np.int64)
+            if len(seqs):
+                self._index.remove_seqs(seqs)
+                self.cache.clear()
+                if self._index.n_slots - self._index.n_live > COMPACT_AT * self._index.n_slots:
+                    self._index.compact()
+            return len(seqs)
+
+    def set_enhancer(self, enhancer: Any) -> None:
+        """Use ``enhancer`` (``candidates: int`` and ``refine(queries, cand_vectors, cand_scores)``) or None."""
+        if enhancer is not None:
+            cands = getattr(enhancer, "candidates", None)
+            if (
+                not isinstance(cands, int)
+                or isinstance(cands, bool)
+                or cands <= 0
+                or not callable(getattr(enhancer, "refine", None))
+            ):
+                raise bad_argument("enhancer", "an object with candidates: int > 0 and a refine() method", enhancer)
+        with self._lock:
+            self.enhancer = enhancer
+            self.cache.clear()
+
+    # ------------------------------------------------------------------ reads
+    def search(self, queries: Any, k: int, *, enhance: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of ``queries`` (n, d) or (d,): scores (n, k) float32 and ids (n, k) int64, -inf/-1 padded.
+
+        ``enhance``: None uses the enhancer when one is set; True requires one; False never uses it.
+        Rows already answered are served by the result cache (when ``cache_size > 0``).
+        """
+        return self._search(queries, k, enhance, "search")
+
+    def search_batch(self, queries: Any, k: int, *, enhance: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`search` for a 2-d batch: one faiss call and one enhancer call for all uncached rows."""
+        if np.ndim(queries) != 2:
+            raise bad_argument("queries", "a 2-d array (n, d)", f"shape {np.shape(queries)}")
+        return self._search(queries, k, enhance, "search_batch")
+
+    def search_text(self, query: str, k: int, *, enhance: bool | None = None) -> list[Hit]:
+        """Encode ``query`` and return up to k hits (id, score, text, metadata), best first."""
+        encoder = self._require_encoder("search_text")
+        if not isinstance(query, str):
+            raise bad_argument("query", "a str", type(query).__name__)
+        scores, ids = self.search(encoder.encode([query]), k, enhance=enhance)
+        found = ids[0][ids[0] >= 0]
+        with self._lock:
+            info = self._db.fetch_text_meta(found)
+        return [Hit(int(i), float(s), *reversed(info[int(i)])) for i, s in zip(found, scores[0]) if int(i) in info]
+
+    def get(self, ids: Any) -> list[Record | None]:
+        """The record of each id (vector, metadata, text), None where the id is not stored."""
+        id_arr = _as_ids(ids, "ids")
+        with self._lock:
+            rows = self._db.fetch_records(id_arr)
+        return [None if r is None else Record(int(i), *r) for i, r in zip(id_arr, rows)]
+
+    def vectors(self, ids: Any) -> np.ndarray:
+        """Stored vectors (n, d) float32 of ``ids`` (normalised for "cosine"); HeadwiseError if one is absent."""
+        id_arr = _as_ids(ids, "ids")
+        with self._lock:
+            return self._db.fetch_vectors(id_arr, self.dim)
+
+    def ids(self) -> np.ndarray:
+        """Every stored id, ascending, (n,) int64."""
+        with self._lock:
+            _, id_arr = self._db.seq_ids()
+        return np.sort(id_arr)
+
+    def footprint(self) -> dict[str, Any]:
+        """Bytes per stored vector, from faiss's accounting and the files (see :mod:`headwise.memory.footprint`)."""
+        from headwise.memory.footprint import measure
+
+        with self._lock:
+            return measure(self._index, self._db, self.path)
+
+    # ------------------------------------------------------------------ search internals
+    def _search(self, queries: Any, k: int, enhance: bool | None, op: str) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k <= 0:
+            raise bad_argument("k", "an int > 0", repr(k))
+        k = int(k)
+        with self._lock:
+            use = self._use_enhancer(enhance)
+            q = self._check_vectors(queries, "queries")
+            n = len(q)
+            scores = np.full((n, k), -np.inf, dtype=np.float32)
+            ids = np.full((n, k), -1, dtype=np.int64)
+            keys = [(row.tobytes(), k, use) for row in q] if self.cache.max_size else []
+            todo = []
+            for i in range(n):
+                hit = self.cache.get(keys[i]) if keys else None
+                if hit is None:
+                    todo.append(i)
+                else:
+                    scores[i], ids[i] = hit
+            if todo:
+                rows = np.asarray(todo)
+                s, i_ = self._search_enhanced(q[rows], k) if use else self._index.search(q[rows], k)[:2]
+                scores[rows], ids[rows] = s, i_
+                for j, r in enumerate(todo):
+                    if keys:
+                        self.cache.put(keys[r], (s[j].copy(), i_[j].copy()))
+            self.metrics.record(op, time.perf_counter() - start, n)
+            return scores, ids
+
+    def _use_enhancer(self, enhance: bool | None) -> bool:
+        if enhance is None:
+            return self.enhancer is not None
+        if enhance and self.enhancer is None:
+            raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
+        return bool(enhance)
+
+    def _search_enhanced(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """First pass top-K, refine the queries from the candidates, second pass top-k."""
+        enhancer = self.enhancer
+        big_k = min(int(enhancer.candidates), self._index.n_live)
+        if big_k == 0:
+            return self._index.search(q, k)[:2]
+        s1, _, slots = self._index.search(q, big_k)
+        has_any = slots[:, 0] >= 0
+        refined = q.copy()
+        if has_any.any():
+            # HNSW may return fewer than K: a row repeats its last candidate so that the
+            # enhancer never sees padding (-1 slots, -inf scores).
+            s1, slots = s1[has_any], slots[has_any]
+            last = np.maximum.accumulate(np.where(slots >= 0, np.arange(big_k), 0), axis=1)
+            slots = np.take_along_axis(slots, last, axis=1)
+            s1 = np.take_along_axis(s1, last, axis=1)
+            cand = self._index.reconstruct(slots.ravel()).reshape(len(slots), big_k, self.dim)
+            start = time.perf_counter()
+            out = np.asarray(enhancer.refine(q[has_any], cand, s1), dtype=np.float32)
+            self.metrics.record("refine", time.perf_counter() - start, len(slots))
+            if out.shape != (len(slots), self.dim) or not np.isfinite(out).all():
+                raise HeadwiseError(
+                    f"enhancer.refine: expected finite queries of shape {(len(slots), self.dim)}, got shape "
+                    f"{out.shape} (finite: {bool(np.isfinite(out).all())})"
+                )
+            refined[has_any] = _normalise(out, "enhancer.refine output") if self.metric == "cosine" else out
+        return self._index.search(refined, k)[:2]
+
+    # ------------------------------------------------------------------ validation
+    def _check_vectors(self, vectors: Any, name: str) -> np.ndarray:
+        try:
+            x = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise bad_argument(name, "a float array (n, d)", f"{type(vectors).__name__} ({exc})") from exc
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise bad_argument(name, f"shape (n, {self.dim}) or ({self.dim},)", f"shape {np.shape(vectors)}")
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise bad_argument(name, "finite values", f"NaN or Inf in rows {np.flatnonzero(bad)[:10].tolist()}")
+        if self.metric == "cosine":
+            return _normalise(x, name)
+        return np.ascontiguousarray(x)
+
+    def _check_new_ids(self, ids: Any, n: int) -> np.ndarray:
+        if ids is None:
+            return self._db.next_ids(n)
+        id_arr = _as_ids(ids, "ids")
+        if len(id_arr) != n:
+            raise bad_argument("ids", f"{n} ids (one per vector)", f"{len(id_arr)}")
+        uniq, counts = np.unique(id_arr, return_counts=True)
+        if (counts > 1).any():
+            raise bad_argument("ids", "unique ids", f"duplicates within the call: {uniq[counts > 1][:10].tolist()}")
+        taken = self._db.existing(id_arr)
+        if len(taken):
+            raise bad_argument("ids", "ids not yet in the memory", f"already stored: {sorted(taken.tolist())[:10]}")
+        return id_arr
+
+    def _require_encoder(self, what: str) -> TextEncoder:
+        if self.encoder is None:
+            raise HeadwiseError(f"{what}: expected a VectorMemory with an encoder (encoder=...), got none")
+        return self.encoder
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
+        raise bad_argument(name, f"an int >= {minimum}", repr(value))
+
+
+def _normalise(x: np.ndarray, name: str) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    zero = norms[:, 0] == 0
+    if zero.any():
+        raise bad_argument(
+            name, "non-zero vectors for metric 'cosine'", f"zero rows {np.flatnonzero(zero)[:10].tolist()}"
+        )
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def _as_ids(ids: Any, name: str) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise bad_argument(name, "a 1-d sequence of ints", f"dtype {arr.dtype}, shape {arr.shape}")
+    if (arr < 0).any():
+        raise bad_argument(name, "ids >= 0 (-1 marks a missing result)", f"{arr[arr < 0][:10].tolist()}")
+    return arr.astype(np.int64)
+
+
+def _check_metadata(metadata: Sequence[Any] | None, n: int) -> list[str | None]:
+    if metadata is None:
+        return [None] * n
+    if isinstance(metadata, dict | str) or len(metadata) != n:
+        raise bad_argument("metadata", f"a sequence of {n} JSON values (one per vector)", type(metadata).__name__)
+    out: list[str | None] = []
+    for i, m in enumerate(metadata):
+        try:
+            out.append(None if m is None else json.dumps(m, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise bad_argument(f"metadata[{i}]", "a JSON-serialisable value", f"{m!r} ({exc})") from exc
+    return out
+
+
+def _check_texts(texts: Sequence[str | None] | None, n: int) -> list[str | None]:
+    if texts is None:
+        return [None] * n
+    if isinstance(texts, str) or len(texts) != n:
+        raise bad_argument("texts", f"a sequence of {n} str or None", type(texts).__name__)
+    for i, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise bad_argument(f"texts[{i}]", "a str or None", type(t).__name__)
+    return list(texts)
