@@ -22,7 +22,7 @@ Example::
     >>> import torch
     >>> from transformers import BertConfig, BertModel
     >>> from headwise.analysis import AttentionCache, capture, register
-    >>> register()
+    >>> _ = register()
     >>> cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
     ...                  vocab_size=100, attn_implementation="headwise")
     >>> model = BertModel(cfg).eval()
