@@ -1,0 +1,113 @@
+"""Crash safety: a writer process is SIGKILLed at random points; the store must open with every acknowledged write.
+
+The writer reports each operation twice over a pipe: "begin" before calling the store and
+"ack" after the call returned. After the kill the test opens the store and checks:
+
+- it opens (no exception), whatever the writer was doing (add, delete, save);
+- every acknowledged add is present with its exact vector, metadata and text, and every
+  acknowledged delete is absent;
+- the one operation that was in flight is all or nothing (no half-written batch);
+- the faiss index agrees with SQLite (same count; search finds each record, never a deleted one).
+
+The writer is forked from a forkserver that has already imported headwise, so a trial
+costs milliseconds of start-up instead of the ~2 s of importing torch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The writer lives in a module without pytest so that the forkserver preloads it once.
+from test_memory_crash_writer import DIM, vectors_for, writer  # tests/integration is on sys.path
+
+from headwise.memory import VectorMemory
+
+TRIALS_PER_INDEX = 30  # x 2 index kinds = 60 kill trials
+
+
+def run_trial(ctx, path: Path, trial: int, kill_after: float) -> list[tuple]:
+    """Start a writer, let it run ``kill_after`` seconds, SIGKILL it; return the messages it got out."""
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=writer, args=(str(path), trial, sender), daemon=True)
+    proc.start()
+    sender.close()
+    messages: list[tuple] = []
+    assert receiver.poll(60), "writer did not start"
+    assert receiver.recv() == ("ready",)
+    deadline = time.monotonic() + kill_after
+    # Drain while it runs so that it never blocks on a full pipe (the kill must land anywhere).
+    while time.monotonic() < deadline:
+        if receiver.poll(max(0.0, deadline - time.monotonic())):
+            messages.append(receiver.recv())
+    proc.kill()
+    proc.join(10)
+    while True:
+        try:
+            if not receiver.poll(1):
+                break
+            messages.append(receiver.recv())
+        except (EOFError, OSError):  # the kill may cut the last message short: it was never delivered
+            break
+    receiver.close()
+    return messages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_sigkill_at_random_points_loses_no_acknowledged_write(tmp_path, index):
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["headwise.memory", "test_memory_crash_writer"])
+    path = tmp_path / "store"
+    VectorMemory(DIM, metric="l2", index=index, path=path, hnsw_m=8, ef_construction=40).close()
+    live: set[int] = set()
+    rnd = random.Random(index)
+    kinds_in_flight: list[str] = []
+    for trial in range(TRIALS_PER_INDEX):
+        messages = run_trial(ctx, path, trial + (0 if index == "flat" else 1000), rnd.uniform(0.01, 0.25))
+        in_flight = None
+        for tag, op, ids in messages:
+            if tag == "begin":
+                in_flight = (op, ids)
+                continue
+            in_flight = None
+            if op == "add":
+                live.update(ids)
+            elif op == "delete":
+                live.difference_update(ids)
+
+        mem = VectorMemory.open(path)  # must not raise, whatever the writer was doing
+        stored = set(mem.ids().tolist())
+        if in_flight is not None:
+            op, ids = in_flight
+            kinds_in_flight.append(op)
+            present = [i in stored for i in ids]
+            if op == "add":
+                assert all(present) or not any(present), f"trial {trial}: half-written add {ids} {present}"
+                live.update(ids if all(present) else [])
+            elif op == "delete":
+                assert all(present) or not any(present), f"trial {trial}: half-done delete {ids} {present}"
+                live.difference_update(ids if not any(present) else [])
+        assert stored == live, (
+            f"trial {trial}: lost {sorted(live - stored)[:5]}, unexpected {sorted(stored - live)[:5]}"
+        )
+        assert len(mem) == len(live)
+        if live:
+            ids = np.array(sorted(live))
+            np.testing.assert_array_equal(mem.vectors(ids), vectors_for(ids))
+            records = mem.get(ids)
+            assert all(r.metadata == {"id": int(i)} and r.text == f"text {i}" for r, i in zip(records, ids))
+            sample = ids[:: max(1, len(ids) // 25)]
+            _, found = mem.search(vectors_for(sample), k=5)
+            assert set(found[found >= 0].tolist()) <= live, "search returned a record that is not stored"
+            if index == "flat":  # exact search finds each record itself at distance 0
+                np.testing.assert_array_equal(found[:, 0], sample)
+        mem.close()
+    # The kills must have landed inside operations, not only between them.
+    assert len(kinds_in_flight) >= TRIALS_PER_INDEX // 3, kinds_in_flight
+    assert {"add", "save"} <= set(kinds_in_flight), kinds_in_flight
