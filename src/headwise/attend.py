@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ def attend(
     score: Score | ScoreFn | Sequence[Score | ScoreFn] | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    need_weights: bool = False,
+    need_weights: bool | Literal["mean"] = False,
     need_stats: bool = False,
     backend: str = "auto",
     check_finite: bool = True,
@@ -52,7 +53,9 @@ def attend(
         scale: multiplies the similarity; default ``1/sqrt(E)`` (1 for ``poincare``).
         dropout_p: dropout on the attention weights, applied whenever > 0 (pass 0 in
             eval mode). Returned weights are those before dropout.
-        need_weights: also return the (B, Hq, L, S) weights (materialises them).
+        need_weights: True also returns the (B, Hq, L, S) weights (materialises them);
+            "mean" returns their average over the heads, (B, L, S), reduced chunk by chunk
+            so the per-head weights never exist at once (torch's ``average_attn_weights``).
         need_stats: also return per-row entropy and max weight, computed while streaming.
         backend: "auto" (cheapest backend that serves the call), "reference", "tiled",
             "sdpa" or "flex". ``AttentionOutput.backend`` says which ran.
@@ -125,9 +128,10 @@ def make_request(q, k, v, mask, score, scale, dropout_p, need_weights, need_stat
         )
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise bad_argument("dropout_p", "a number in [0, 1)", repr(dropout_p))
-    for name, flag in (("need_weights", need_weights), ("need_stats", need_stats)):
-        if not isinstance(flag, bool):
-            raise bad_argument(name, "a bool", repr(flag))
+    if not isinstance(need_weights, bool) and need_weights != "mean":
+        raise bad_argument("need_weights", 'a bool or "mean"', repr(need_weights))
+    if not isinstance(need_stats, bool):
+        raise bad_argument("need_stats", "a bool", repr(need_stats))
 
     mask_obj = as_mask(mask) if mask is not None else None
     if mask_obj is not None:

@@ -586,3 +586,33 @@ def test_run_attend_detects_wrong_output():
         assert_close_to_gold(wrong.res.out, ref.res.out, gold.res.out, 1e-5, "out")
     with pytest.raises(AssertionError):
         assert_close_to_gold(ref.res.out + 2e-5, ref.res.out, gold.res.out, 1e-5, "out")
+
+
+# ---------------------------------------------------------------------------------------
+# need_weights="mean": the head average without keeping per-head weights.
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("backend", ["eager", "reference", "auto"])
+@pytest.mark.parametrize("shape", [SMALL, TALL], ids=["gqa8/2", "mqa8/1"])
+def test_mean_weights_are_the_head_average(backend, grad, shape):
+    B, Hq, Hkv, L, S, E, Ev = shape
+    q = torch.randn(B, Hq, L, E, requires_grad=grad)
+    k, v = torch.randn(B, Hkv, S, E), torch.randn(B, Hkv, S, Ev)
+    with torch.set_grad_enabled(grad):
+        heads = attend(q, k, v, mask=causal, need_weights=True, backend=backend)
+        mean = attend(q, k, v, mask=causal, need_weights="mean", backend=backend)
+    assert mean.weights.shape == (B, L, S)
+    torch.testing.assert_close(mean.weights, heads.weights.mean(dim=1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(mean.out, heads.out, atol=1e-6, rtol=0)
+    rows = mean.weights.sum(-1)  # 1, or 0 where causal leaves a row no key (L > S)
+    assert bool((((rows - 1).abs() < 1e-5) | (rows == 0)).all())
+
+
+def test_mean_weights_are_refused_by_fused_backends_and_bad_values_rejected():
+    q = k = v = torch.randn(1, 2, 8, 4)
+    for backend in ("sdpa", "tiled"):
+        with pytest.raises(HeadwiseError, match="need_weights"):
+            attend(q, k, v, need_weights="mean", backend=backend)
+    with pytest.raises(HeadwiseError, match="need_weights: expected a bool or \"mean\", got 'avg'"):
+        attend(q, k, v, need_weights="avg")

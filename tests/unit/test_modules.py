@@ -34,10 +34,10 @@ def test_self_attention_matches_torch(bias, average):
     t, m = torch_pair(bias=bias)
     x = torch.randn(2, 7, 32, dtype=F64)
     ref, ref_w = t(x, x, x, need_weights=True, average_attn_weights=average)
-    res = m(x, need_weights=True)
+    res = m(x, need_weights=True, average_attn_weights=average)
     torch.testing.assert_close(res.out, ref, atol=1e-10, rtol=0)
-    w = res.weights.mean(1) if average else res.weights
-    torch.testing.assert_close(w, ref_w, atol=1e-10, rtol=0)
+    assert res.weights.shape == ((2, 7, 7) if average else (2, 4, 7, 7))
+    torch.testing.assert_close(res.weights, ref_w, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("kdim,vdim", [(None, None), (24, 40)])

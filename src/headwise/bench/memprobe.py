@@ -37,7 +37,7 @@ def module_probe(spec: dict) -> dict:
     from headwise.bench.modules import gqa_fns, module_fns
 
     if "weights" in spec:
-        fns = module_fns(bool(spec["weights"]), int(spec.get("L", 1024)))
+        fns = module_fns(str(spec["weights"]), int(spec.get("L", 1024)))
     else:
         fns = gqa_fns(int(spec.get("L", 4096)))
     fn = fns[spec["impl"]]

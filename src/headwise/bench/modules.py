@@ -1,6 +1,7 @@
 """``headwise bench modules``: MultiHeadAttention against torch's nn.MultiheadAttention.
 
-Forward (eval, no grad) at L=1024, E=512, 8 heads, batch 4, with and without weights, and
+Forward (eval, no grad) at L=1024, E=512, 8 heads, batch 4, returning no weights, head-averaged
+weights (torch's default) or per-head weights, and
 GQA 8/2 against MHA 8/8 at L=4096. torch runs as users run it: ``nn.MultiheadAttention``
 in eval mode under ``torch.inference_mode`` takes its native fast path when it can.
 """
@@ -15,11 +16,19 @@ from torch import nn
 from headwise.bench.harness import Timing, measure_in_subprocess, time_interleaved
 from headwise.modules import MultiHeadAttention
 
+# The weights each side returns: none; averaged over heads (torch's default with
+# need_weights=True); per head (torch's average_attn_weights=False).
+WEIGHT_MODES = ("none", "mean", "heads")
+
 
 def module_fns(
-    weights: bool, L: int = 1024, embed: int = 512, heads: int = 8, batch: int = 4
+    weights: str, L: int = 1024, embed: int = 512, heads: int = 8, batch: int = 4
 ) -> dict[str, Callable[[], object]]:
-    """torch's and our MHA forward on the same weights and input (eval, inference mode)."""
+    """torch's and our MHA forward on the same weights and input (eval, inference mode).
+
+    ``weights`` is one of WEIGHT_MODES; both sides return the same tensors.
+    """
+    need, average = weights != "none", weights == "mean"
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(embed, heads, batch_first=True).eval()
     ours = MultiHeadAttention.from_torch(theirs).eval()
@@ -27,11 +36,11 @@ def module_fns(
 
     def torch_fwd():
         with torch.inference_mode():
-            return theirs(x, x, x, need_weights=weights)[0]
+            return theirs(x, x, x, need_weights=need, average_attn_weights=average)[0]
 
     def ours_fwd():
         with torch.inference_mode():
-            return ours(x, need_weights=weights).out
+            return ours(x, need_weights=need, average_attn_weights=average).out
 
     return {"torch nn.MultiheadAttention": torch_fwd, "headwise MultiHeadAttention": ours_fwd}
 
@@ -58,8 +67,8 @@ def run_modules(
 ) -> dict[str, list[dict]]:
     """Time both comparisons; ``rows`` hold the speed-ups, ``records`` one entry per (case, implementation)."""
     rows, records = [], []
-    for weights in (False, True):
-        case = f"forward L={L} E={embed} H={heads} N={batch}, need_weights={weights}"
+    for weights in WEIGHT_MODES:
+        case = f"forward L={L} E={embed} H={heads} N={batch}, weights: {weights}"
         t = time_interleaved(module_fns(weights, L, embed, heads, batch), repeat=repeat)
         rows.append(_row(case, t))
         records += [{"case": case, "impl": name, **tm.record(items=batch * L)} for name, tm in t.items()]
@@ -78,7 +87,7 @@ def run_modules(
 def run_module_memory(L: int = 1024, L_gqa: int = 4096) -> list[dict]:
     """Peak extra memory of each module forward, each in a fresh subprocess."""
     out = []
-    for weights in (False, True):
+    for weights in WEIGHT_MODES:
         for impl in module_fns(weights, 8, 16, 2, 1):
             spec = {"suite": "modules", "impl": impl, "weights": weights, "L": L}
             out.append({**spec, **measure_in_subprocess("headwise.bench.memprobe", spec)})
@@ -153,7 +162,7 @@ def to_markdown(result: dict, command: str, info: dict) -> str:
             "|---|---|---|",
         ]
         for m in memory:
-            case = f"need_weights={m['weights']}, L={m['L']}" if "weights" in m else f"L={m['L']}, N=1"
+            case = f"weights: {m['weights']}, L={m['L']}" if "weights" in m else f"L={m['L']}, N=1"
             val = f"{m['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in m else m.get("error", "?")
             lines.append(f"| {m['impl']} | {case} | {val} |")
     for r in rows:

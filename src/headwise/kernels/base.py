@@ -33,9 +33,10 @@ class AttentionStats:
 class AttentionOutput:
     """Result of :func:`headwise.attend`.
 
-    out (B, Hq, L, Ev); weights (B, Hq, L, S) or None; stats or None; lse (B, Hq, L)
-    log-sum-exp of each row's logits (-inf for a row with nothing to attend to), or None
-    when the backend does not produce it; backend: the name of the backend that ran.
+    out (B, Hq, L, Ev); weights (B, Hq, L, S), (B, L, S) for need_weights="mean", or None;
+    stats or None; lse (B, Hq, L): the log-sum-exp of each row's logits (-inf for a row
+    with nothing to attend to), or None when the backend does not produce it; backend: the
+    name of the backend that ran.
     """
 
     out: Tensor
@@ -56,7 +57,7 @@ class Request:
     score: Score | None
     scale: float
     dropout_p: float
-    need_weights: bool
+    need_weights: bool | str  # True: per head; "mean": averaged over the heads
     need_stats: bool
 
     @property

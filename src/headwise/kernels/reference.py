@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops
 from headwise.masks import grid_indices
@@ -56,11 +57,18 @@ def reference_attention(req: Request) -> AttentionOutput:
     out = p @ v
     return AttentionOutput(
         out=out,
-        weights=weights.to(req.q.dtype) if req.need_weights else None,
+        weights=_returned_weights(weights, req),
         stats=stats,
         lse=lse,
         backend="reference",
     )
+
+
+def _returned_weights(weights: Tensor, req: Request) -> Tensor | None:
+    """(B, Hq, L, S) per head, (B, L, S) averaged over heads for need_weights="mean", or None."""
+    if not req.need_weights:
+        return None
+    return (weights.mean(dim=1) if req.need_weights == "mean" else weights).to(req.q.dtype)
 
 
 class ReferenceBackend(Backend):

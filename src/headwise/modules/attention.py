@@ -23,7 +23,8 @@ from headwise.scores import Score, ScoreFn, _Alibi
 
 
 class MHAOutput(NamedTuple):
-    """out (N, L, E) (or (L, N, E)); weights (N, H, L, S) or None; stats or None; backend."""
+    """out (N, L, E) (or (L, N, E)); weights (N, H, L, S), (N, L, S) when averaged, or None;
+    stats or None; backend."""
 
     out: Tensor
     weights: Tensor | None
@@ -159,6 +160,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | MaskFn | Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         need_weights: bool = False,
+        average_attn_weights: bool = False,
         need_stats: bool = False,
         backend: str = "auto",
     ) -> MHAOutput:
@@ -167,6 +169,9 @@ class MultiHeadAttention(nn.Module):
         ``mask`` is combined (AND) with the module's mask. ``key_padding_mask`` (N, S)
         follows torch: True marks a padding key that must be ignored; it must be a
         right-padding mask (True only after the last real key of each row).
+        ``need_weights`` returns per-head weights (N, H, L, S); with ``average_attn_weights``
+        their mean over the heads (N, L, S), as torch returns by default, reduced chunk by
+        chunk without keeping the per-head weights.
         """
         query, key, value = self._check_inputs(query, key, value)
         N, S = query.shape[0], (key if key is not None else query).shape[1]
@@ -184,7 +189,7 @@ class MultiHeadAttention(nn.Module):
                 mask=combined,
                 score=self.score,
                 dropout_p=self.dropout if self.training else 0.0,
-                need_weights=need_weights,
+                need_weights="mean" if need_weights and average_attn_weights else need_weights,
                 need_stats=need_stats,
                 backend=backend,
             )
