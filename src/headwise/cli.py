@@ -1,4 +1,4 @@
-"""The ``headwise`` command line: demo, bench, docs."""
+"""The ``headwise`` command line: demo, analyze, bench, docs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from headwise.analysis.cli import analyze
+
 app = typer.Typer(help="headwise: multi-head attention, head by head.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that run headwise and its competitors side by side.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.command("analyze")(analyze)
 console = Console()
 
 DEFAULT_SEQS = [512, 1024, 2048, 4096, 8192, 16384]
