@@ -57,7 +57,7 @@ def entropy(w: Tensor, smooth: bool = False, eps: float = CLARK_EPS) -> Tensor:
     if smooth:
         empty = w.sum(-1, keepdim=True) == 0
         w = torch.where(empty, w, (1 - eps) * w + eps / w.shape[-1])
-    return -_xlogx(w).sum(-1)
+    return 0.0 - _xlogx(w).sum(-1)  # 0.0 - 0.0 is +0.0, where negation would give -0.0
 
 
 def normalized_entropy(w: Tensor, smooth: bool = False, key_counts: Tensor | None = None) -> Tensor:
@@ -202,9 +202,10 @@ PATTERNS = ("vertical", "diagonal", "vertical+diagonal", "block", "heterogeneous
 def pattern_masses(w: Tensor, special: Sequence[int] = (), segments: Tensor | None = None) -> dict[str, float]:
     """Mean row masses used by :func:`classify_pattern` for one head's map ``w`` (L, S), L == S.
 
-    ``vertical``: on the ``special`` columns, or when none are given on the single key
-    column that receives the most; ``diagonal``: on keys i-1, i, i+1 outside the special
-    columns; ``block``: inside the query's segment (``segments`` (S,) ids), or NaN.
+    ``vertical``: on the ``special`` columns ([CLS], [SEP]; 0 when none are given, since a
+    vertical pattern is attention to special tokens); ``diagonal``: on keys i-1, i, i+1
+    outside the special columns; ``block``: inside the query's segment (``segments`` (S,)
+    ids, two or more of them), else NaN.
     """
     _check_weights(w)
     if w.dim() != 2 or w.shape[0] != w.shape[1]:
@@ -214,9 +215,7 @@ def pattern_masses(w: Tensor, special: Sequence[int] = (), segments: Tensor | No
     is_special = torch.zeros(L, dtype=torch.bool, device=w.device)
     if len(special):
         is_special[torch.as_tensor(list(special), device=w.device) % L] = True
-        vertical = float(w[:, is_special].sum(-1).mean())
-    else:
-        vertical = float(w.mean(0).max())
+    vertical = float(w[:, is_special].sum(-1).mean())
     near = (idx.view(L, 1) - idx.view(1, L)).abs() <= 1
     diagonal = float((w * (near & ~is_special.view(1, L))).sum(-1).mean())
     block = float("nan")
