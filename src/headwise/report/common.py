@@ -91,13 +91,12 @@ class Section:
         """Write every figure as ``figures/<name>.png`` and the numbers as ``data/<key>.json``."""
         out = Path(out)
         for spec in self.figures:
-            if spec.fig is not None:
+            if spec.fig is not None:  # figures of other commands arrive as files (path and png set)
                 buf = io.BytesIO()
                 spec.fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
-                spec.png = buf.getvalue()
-                spec.fig = None
-            spec.path = f"figures/{spec.name}.png"
-            write_atomic(out / spec.path, spec.png)
+                spec.png, spec.fig = buf.getvalue(), None
+                spec.path = f"figures/{spec.name}.png"
+                write_atomic(out / spec.path, spec.png)
         path = out / "data" / f"{self.key}.json"
         write_atomic(path, json.dumps(self.to_json(), indent=1).encode())
         return path

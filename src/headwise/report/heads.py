@@ -169,22 +169,20 @@ def pairwise_diversity(w: Tensor) -> dict:
     """Mean pairwise cosine similarity and Jensen-Shannon divergence of heads ``w`` (H, L, S).
 
     Cosine compares the flattened L x S maps of two heads; JS (nats, at most log 2) is taken
-    per query row and averaged over rows. ``pairs`` is H(H-1)/2; with one head both are None.
+    per query row and averaged over rows (``headwise.analysis.metrics.cosine_matrix`` and
+    ``js_matrix(reduction="mean")``). ``pairs`` is H(H-1)/2; with one head both are None.
     """
     if not isinstance(w, Tensor) or w.dim() != 3:
         raise bad_argument("w", "a tensor (H, L, S) of attention weights", getattr(w, "shape", type(w).__name__))
+    from headwise.analysis.metrics import cosine_matrix, js_matrix
+
     H = w.shape[0]
     if H < 2:
         return {"cosine": None, "js": None, "pairs": 0}
     w = w.double()
-    flat = nn.functional.normalize(w.flatten(1), dim=-1)
-    cos = flat @ flat.T
     iu = torch.triu_indices(H, H, offset=1)
-    p, q = w[iu[0]], w[iu[1]]
-    m = 0.5 * (p + q)
-    kl = lambda a, b: (torch.special.xlogy(a, a) - torch.special.xlogy(a, b)).sum(-1)  # noqa: E731
-    js = 0.5 * kl(p, m) + 0.5 * kl(q, m)
-    return {"cosine": float(cos[iu[0], iu[1]].mean()), "js": float(js.mean()), "pairs": int(iu.shape[1])}
+    cos, js = cosine_matrix(w)[iu[0], iu[1]], js_matrix(w, reduction="mean")[iu[0], iu[1]]
+    return {"cosine": float(cos.mean()), "js": float(js.mean()), "pairs": int(iu.shape[1])}
 
 
 class _CausalSelf(nn.Module):
