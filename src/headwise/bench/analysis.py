@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from headwise.bench.harness import machine_info, measure_in_subprocess, peak_rss_bytes, reset_peak_rss, time_interleaved
+from headwise.bench.harness import (
+    machine_info,
+    measure_in_subprocess,
+    peak_rss_bytes,
+    reset_peak_rss,
+    time_interleaved,
+    wait_for_quiet,
+)
 
 GIB = 1024**3
 
@@ -335,6 +342,8 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     command = "python -m headwise.bench.analysis " + shlex.join(argv)
+    if args.suite == "timing":
+        wait_for_quiet()  # timings on a busy machine mean nothing (waits up to 2 minutes)
     info = machine_info()
     if args.suite == "timing":
         r = run_timing(args.n_texts, args.repeat)
