@@ -182,7 +182,7 @@ def memory_scaling(
     top_ref, top_til = ref[-1], til[-1]
     skip_txt = (
         f" The reference at L={', '.join(str(s['L']) for s in skipped if s['backend'] == 'reference')} was not run: "
-        f"the fit predicts {fmt(pred_ref / GIB, 1)} GiB at L={Lmax}, above the {fmt(budget_bytes / GIB, 1)} GiB budget."
+        f"the fit predicts {pred_ref / GIB:.2f} GiB at L={Lmax}, above the {budget_bytes / GIB:.2f} GiB budget."
         if any(s["backend"] == "reference" for s in skipped)
         else ""
     )
