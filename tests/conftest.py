@@ -121,11 +121,12 @@ def run_attend(
         if backend.startswith("tiled:"):
             # "tiled:16x8": the tiled kernel with explicit (small) blocks, so that small
             # problems still cross block boundaries (the planner would pick one 64+ block).
-            block_q, block_k = (int(n) for n in backend.removeprefix("tiled:").split("x"))
+            # "tiled:16x8x24": the same blocks merged into forward tiles of up to 24 keys.
+            block_q, block_k, *span = (int(n) for n in backend.removeprefix("tiled:").split("x"))
             req = make_request(
                 leaves["q"], leaves["k"], leaves["v"], mask, score, None, 0.0, False, need_stats, **kwargs
             )
-            res = tiled_attention(req, block_q, block_k)
+            res = tiled_attention(req, block_q, block_k, span[0] if span else None)
         else:
             res = attend(
                 leaves["q"],

@@ -129,6 +129,9 @@ def _request(shape, dtype=torch.float32, mask=None, score=None, **kw):
 # these sizes the planner picks a single block, so this is what exercises block boundaries,
 # the online rescaling, EMPTY / FULL blocks and ragged last blocks for every case.
 TILED_SMALL = "tiled:16x8"
+# The same blocks merged into forward tiles of up to 24 keys: partial ranges inside a tile,
+# online rescaling between tiles.
+TILED_MERGED = "tiled:16x8x24"
 
 
 def _extras(backend):
@@ -137,7 +140,7 @@ def _extras(backend):
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
-@pytest.mark.parametrize("backend", ["tiled", TILED_SMALL, "sdpa", "eager", "auto"])
+@pytest.mark.parametrize("backend", ["tiled", TILED_SMALL, TILED_MERGED, "sdpa", "eager", "auto"])
 def test_every_mask_float32(backend, mask_name):
     B, Hq, Hkv, L, S, E, Ev = SMALL
     mask = MASKS[mask_name](B, Hq, L, S)
@@ -155,7 +158,7 @@ def test_every_mask_float32(backend, mask_name):
 
 @pytest.mark.parametrize("mask_name", ["causal", "padding"])
 @pytest.mark.parametrize("score_name", list(SCORES))
-@pytest.mark.parametrize("backend", ["tiled", TILED_SMALL, "sdpa", "eager", "auto"])
+@pytest.mark.parametrize("backend", ["tiled", TILED_SMALL, TILED_MERGED, "sdpa", "eager", "auto"])
 def test_every_score(backend, score_name, mask_name):
     B, Hq, Hkv, L, S, E, Ev = TALL
     mask = MASKS[mask_name](B, Hq, L, S)

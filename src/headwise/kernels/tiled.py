@@ -59,6 +59,7 @@ class TiledPlan:
     mask: Mask | None
     score: Score | None
     scale: float
+    spans: list[list[Span]] = dataclasses.field(default_factory=list)  # forward tiles per query block
 
     @property
     def G(self) -> int:
@@ -68,37 +69,89 @@ class TiledPlan:
         return sum(len(v) for v in self.visits)
 
 
+# A forward tile merges adjacent key blocks of one query block while its logits stay below
+# this size: fewer, wider tiles mean fewer rescalings and op dispatches (a sliding window
+# of 128 then takes one tile per query block instead of two), and below ~2 MB the tile
+# still sits in the caches while it turns into probabilities.
+_SPAN_BYTES = 2 << 20
+
+# (first key, end key, key ranges relative to the first key that need the element mask)
+Span = tuple[int, int, tuple[tuple[int, int], ...]]
+
+
+def merge_spans(visits: list[tuple[int, bool]], block_k: int, S: int, max_keys: int) -> list[Span]:
+    """Merge runs of adjacent visited key blocks into tiles of at most ``max_keys`` keys.
+
+    >>> merge_spans([(0, False), (1, True), (2, True), (4, False)], 8, 36, 24)
+    [(0, 24, ((8, 24),)), (32, 36, ())]
+    """
+    spans: list[Span] = []
+    for jk, partial in visits:
+        ks, ke = jk * block_k, min(S, (jk + 1) * block_k)
+        if spans and spans[-1][1] == ks and ke - spans[-1][0] <= max_keys:
+            s0, _, parts = spans[-1]
+            ranges = list(parts)
+            if partial:
+                if ranges and ranges[-1][1] == ks - s0:
+                    ranges[-1] = (ranges[-1][0], ke - s0)
+                else:
+                    ranges.append((ks - s0, ke - s0))
+            spans[-1] = (s0, ke, tuple(ranges))
+        else:
+            spans.append((ks, ke, ((0, ke - ks),) if partial else ()))
+    return spans
+
+
+def _with_spans(plan: TiledPlan, span_keys: int | None) -> TiledPlan:
+    """Set the forward tiles: at most ``span_keys`` keys each (default: from _SPAN_BYTES)."""
+    if span_keys is None:
+        rows = plan.B * plan.Hq * plan.block_q  # logits rows of a full query block, all heads
+        span_keys = _SPAN_BYTES // (4 * rows) // plan.block_k * plan.block_k
+    plan.spans = [merge_spans(v, plan.block_k, plan.S, max(plan.block_k, span_keys)) for v in plan.visits]
+    return plan
+
+
 _PLANS = MaskCache(64)
 
 
-def make_plan(req: Request, block_q: int | None = None, block_k: int | None = None) -> TiledPlan:
-    """Classify blocks and pick the block size with the lowest estimated time (cached)."""
+def make_plan(
+    req: Request, block_q: int | None = None, block_k: int | None = None, span_keys: int | None = None
+) -> TiledPlan:
+    """Classify blocks and pick the block size with the lowest estimated time (cached).
+
+    Explicit ``block_q``/``block_k`` (tests, experiments) keep one tile per key block unless
+    ``span_keys`` allows merging adjacent blocks into wider forward tiles.
+    """
     B, Hq, Hkv, L, S, E, Ev = req.shape
+    if span_keys is None and (block_q is not None or block_k is not None):
+        span_keys = 0  # explicit blocks: every key block is its own tile
     mask_key = req.mask.cache_key() if req.mask is not None else ("none",)
-    key = None if mask_key is None else (mask_key, B, Hq, Hkv, L, S, E, Ev, block_q, block_k, str(req.q.device))
+    key = (mask_key, B, Hq, Hkv, L, S, E, Ev, block_q, block_k, span_keys, str(req.q.device))
+    key = None if mask_key is None else key
     hit = _PLANS.get(key)
     if hit is not None:
-        bq, bk, visits = hit
-        return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale)
+        bq, bk, visits, spans = hit
+        return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale, spans)
     if block_q is not None or block_k is not None:
         choices = [(block_q or 256, block_k or block_q or 256)]
     elif req.mask is None:
         choices = [(256, 256)]
     else:
         choices = [(b, b) for b in _BLOCK_CHOICES]
-    plan = min((_plan_for(req, bq, bk) for bq, bk in choices), key=lambda p: _plan_seconds(req, p))
-    _PLANS.put(key, (plan.block_q, plan.block_k, plan.visits), req.mask)
+    plan = min((_plan_for(req, bq, bk, span_keys) for bq, bk in choices), key=lambda p: _plan_seconds(req, p))
+    _PLANS.put(key, (plan.block_q, plan.block_k, plan.visits, plan.spans), req.mask)
     return plan
 
 
 def _plan_seconds(req: Request, plan: TiledPlan) -> float:
-    """Estimated forward time of a plan: visited tiles x (tile flops + per-tile overhead)."""
+    """Estimated forward time of a plan: visited blocks' flops + a fixed cost per tile."""
     B, Hq, _, _, _, E, Ev = req.shape
-    per_block = 2.0 * B * Hq * plan.block_q * plan.block_k * (E + Ev) * _SECONDS_PER_FLOP + _SECONDS_PER_BLOCK
-    return plan.n_visits() * per_block
+    flops = 2.0 * B * Hq * plan.block_q * plan.block_k * (E + Ev) * plan.n_visits()
+    tiles = sum(len(s) for s in plan.spans)
+    return flops * _SECONDS_PER_FLOP + tiles * _SECONDS_PER_BLOCK
 
 
-def _plan_for(req: Request, bq: int, bk: int) -> TiledPlan:
+def _plan_for(req: Request, bq: int, bk: int, span_keys: int | None) -> TiledPlan:
     B, Hq, Hkv, L, S, _, _ = req.shape
     nq, nk = -(-L // bq), -(-S // bk)
     if req.mask is None:
@@ -107,7 +160,7 @@ def _plan_for(req: Request, bq: int, bk: int) -> TiledPlan:
         # Head index matters only for per-head masks; evaluating all Hq heads keeps it exact.
         kinds = classify_blocks(req.mask, B, Hq, L, S, bq, bk, req.q.device).tolist()
         visits = [[(j, kind != FULL) for j, kind in enumerate(row) if kind != EMPTY] for row in kinds]
-    return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale)
+    return _with_spans(TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale), span_keys)
 
 
 def estimate_seconds(req: Request) -> float:
@@ -125,11 +178,20 @@ class _Blocks:
         self.device = device
 
     def logits(
-        self, qb: Tensor, kb: Tensor, qs: int, ks: int, partial: bool, inplace: bool = False, out: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+        self,
+        qb: Tensor,
+        kb: Tensor,
+        qs: int,
+        ks: int,
+        partial: tuple[tuple[int, int], ...],
+        inplace: bool = False,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
         """Logits of one tile, (B, Hkv, G*n, m), with score modifications and mask.
 
-        Returns the logits and, for a partial tile, the broadcastable 5-d 0/1 float mask.
+        ``partial`` lists the key ranges (offsets into the tile) that need the element
+        mask; the rest of the tile is fully allowed. Returns the logits and, per partial
+        range, ``(start, end, keep)`` with keep the broadcastable 5-d 0/1 float mask.
 
         Without a score, ``qb`` must already be multiplied by the scale (done once per
         call instead of once per tile); ``out`` is an optional buffer for the matmul.
@@ -142,22 +204,25 @@ class _Blocks:
         else:
             s = p.score.similarity(qb, kb) * p.scale
         if p.score is None and not partial:
-            return s, None
+            return s, []
         s5 = s.view(B, Hkv, G, n, m)
         qi = torch.arange(qs, qs + n, device=self.device).view(1, 1, 1, n, 1)
-        ki = torch.arange(ks, ks + m, device=self.device).view(1, 1, 1, 1, m)
         if p.score is not None:
+            ki = torch.arange(ks, ks + m, device=self.device).view(1, 1, 1, 1, m)
             s5 = p.score.modify(s5, self.b, self.h, qi + (p.S - p.L), ki).expand(B, Hkv, G, n, m)
-        keep = None
-        if partial:
+        keeps = []
+        for a, b in partial:
+            ki = torch.arange(ks + a, ks + b, device=self.device).view(1, 1, 1, 1, b - a)
             allowed = p.mask.evaluate(self.b, self.h, qi, ki, p.L, p.S)
             # Adding a small broadcast bias is ~4x faster than a broadcast masked_fill.
             bias = torch.zeros(allowed.shape, dtype=s5.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-            s5 = s5.add_(bias) if inplace else s5 + bias
-            keep = allowed.to(s5.dtype)
-        return s5.reshape(B, Hkv, G * n, m), keep
+            if not inplace:  # under autograd (the generic backward): never write into the graph's tensors
+                s5, inplace = s5.clone(), True
+            s5[..., a:b].add_(bias)
+            keeps.append((a, b, allowed.to(s5.dtype)))
+        return s5.reshape(B, Hkv, G * n, m), keeps
 
-    def probabilities(self, t: Tensor, keep: Tensor | None, out: Tensor | None = None) -> Tensor:
+    def probabilities(self, t: Tensor, keeps: list[tuple[int, int, Tensor]], out: Tensor | None = None) -> Tensor:
         """exp(t) for t = logits - row shift (t <= 0), with masked entries exactly 0.
 
         torch's vectorised exp falls to a slow path (10-30x) on lanes that hold -inf or
@@ -167,9 +232,11 @@ class _Blocks:
         """
         t.clamp_(min=_EXP_FLOOR.get(t.dtype, -87.0))
         p = torch.exp(t, out=out) if out is not None and out.shape == t.shape else torch.exp(t)
-        if keep is not None:
+        if keeps:
             B, Hkv, G = self.plan.B, self.plan.Hkv, self.plan.G
-            p.view(B, Hkv, G, -1, p.shape[-1]).mul_(keep)
+            p5 = p.view(B, Hkv, G, -1, p.shape[-1])
+            for a, b, keep in keeps:
+                p5[..., a:b].mul_(keep)
         return p
 
 
@@ -189,41 +256,48 @@ def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats:
     entropy = q.new_zeros(B, Hkv, G, L) if need_stats else None
     max_w = q.new_zeros(B, Hkv, G, L) if need_stats else None
     neg_inf = float("-inf")
-    buf = None
-    for iq, visits in enumerate(plan.visits):
-        if not visits:
+    # Flat buffers for the widest tile; a tile views a prefix, so it stays contiguous.
+    widest = max((ke - ks for spans in plan.spans for ks, ke, _ in spans), default=0)
+    flat = q.new_empty(B * Hkv * G * plan.block_q * widest)
+    pflat = q.new_empty(flat.numel()) if need_stats else None
+    for iq, spans in enumerate(plan.spans):
+        if not spans:
             continue
         qs = iq * plan.block_q
         n = min(plan.block_q, L - qs)
         R = G * n
         qb = q5[:, :, :, qs : qs + n].reshape(B, Hkv, R, E)
-        if buf is None or buf.shape[2] != R:
-            buf = q.new_empty(B, Hkv, R, plan.block_k)  # reused by every full-width tile
-            pbuf = q.new_empty(B * Hkv, R, plan.block_k) if need_stats else None
-        m_run = q.new_full((B * Hkv, R, 1), neg_inf)
-        l_run = q.new_zeros(B * Hkv, R, 1)
-        acc = q.new_zeros(B * Hkv, R, Ev)
-        ps = q.new_zeros(B * Hkv, R, 1) if need_stats else None
-        for jk, partial in visits:
-            ks = jk * plan.block_k
-            s, allowed = blocks.logits(qb, k[:, :, ks : ks + plan.block_k], qs, ks, partial, inplace=True, out=buf)
-            s = s.view(B * Hkv, R, -1)
-            m_new = torch.maximum(m_run, s.amax(dim=-1, keepdim=True))
+        m_run = l_run = acc = ps = None
+        for ks, ke, partial in spans:
+            width = ke - ks
+            buf = flat[: B * Hkv * R * width].view(B, Hkv, R, width)
+            s, keeps = blocks.logits(qb, k[:, :, ks:ke], qs, ks, partial, inplace=True, out=buf)
+            s = s.view(B * Hkv, R, width)
+            m_tile = s.amax(dim=-1, keepdim=True)
+            m_new = m_tile if m_run is None else torch.maximum(m_run, m_tile)
             # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead.
             m_safe = torch.where(m_new == neg_inf, 0.0, m_new)
-            alpha = torch.exp(m_run - m_safe)
             t = s.sub_(m_safe)
-            if ps is None:
-                p = blocks.probabilities(t, allowed, out=t)
+            if not need_stats:
+                p = blocks.probabilities(t, keeps, out=t)
             else:
                 # sum p (s - m) = sum p t needs t after the exp: exp into a second buffer and
                 # take a row dot product (a log, as in p log p, costs 10x more). Rescaled to
                 # the new max like the output. Elementwise, so no cancellation.
-                p = blocks.probabilities(t, allowed, out=pbuf)
-                shift = torch.where(l_run > 0, (m_run - m_safe) * l_run, 0.0)
-                ps.add_(shift).mul_(alpha).add_(torch.linalg.vecdot(p, t).unsqueeze(-1))
-            l_run.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc.mul_(alpha).baddbmm_(p, v3[:, ks : ks + p.shape[-1]])
+                p = blocks.probabilities(t, keeps, out=pflat[: t.numel()].view(t.shape))
+                pt = torch.linalg.vecdot(p, t).unsqueeze(-1)
+            row_sum = p.sum(dim=-1, keepdim=True)
+            pv = torch.bmm(p, v3[:, ks:ke])
+            if m_run is None:  # first tile of the row block: nothing to rescale
+                l_run, acc = row_sum, pv
+                ps = pt if need_stats else None
+            else:
+                alpha = torch.exp(m_run - m_safe)
+                if need_stats:
+                    shift = torch.where(l_run > 0, (m_run - m_safe) * l_run, 0.0)
+                    ps.add_(shift).mul_(alpha).add_(pt)
+                l_run.mul_(alpha).add_(row_sum)
+                acc.mul_(alpha).add_(pv)
             m_run = m_new
         has = l_run != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
         l_safe = torch.where(has, l_run, 1.0)
@@ -263,14 +337,15 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
             ks = jk * plan.block_k
             ke = min(S, ks + plan.block_k)
             kb, vb = k[:, :, ks:ke], v[:, :, ks:ke]
+            ranges = ((0, ke - ks),) if partial else ()
             if generic:
                 with torch.enable_grad():
                     qg, kg = qb.detach().requires_grad_(), kb.detach().requires_grad_()
-                    s, allowed = blocks.logits(qg, kg, qs, ks, partial)
-                p = blocks.probabilities(s.detach() - lse_b, allowed)
+                    s, keeps = blocks.logits(qg, kg, qs, ks, ranges)
+                p = blocks.probabilities(s.detach() - lse_b, keeps)
             else:
-                s, allowed = blocks.logits(qb, kb, qs, ks, partial, inplace=True)
-                p = blocks.probabilities(s.sub_(lse_b), allowed, out=s)
+                s, keeps = blocks.logits(qb, kb, qs, ks, ranges, inplace=True)
+                p = blocks.probabilities(s.sub_(lse_b), keeps, out=s)
             dv[:, :, ks:ke] += torch.matmul(p.transpose(-1, -2), dob)
             ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)
             if generic:
@@ -321,9 +396,11 @@ class _TiledFunction(torch.autograd.Function):
         return (None, None, dq, dk, dv, *dparams)
 
 
-def tiled_attention(req: Request, block_q: int | None = None, block_k: int | None = None) -> AttentionOutput:
-    """Run the tiled kernel on a request (see the module docstring)."""
-    plan = make_plan(req, block_q, block_k)
+def tiled_attention(
+    req: Request, block_q: int | None = None, block_k: int | None = None, span_keys: int | None = None
+) -> AttentionOutput:
+    """Run the tiled kernel on a request (see the module docstring and :func:`make_plan`)."""
+    plan = make_plan(req, block_q, block_k, span_keys)
     q, k, v = req.q, req.k, req.v
     in_dtype = q.dtype
     if in_dtype in (torch.float16, torch.bfloat16):
