@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/headwise demo
+	$(BIN)/headwise demo --out report/
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from headwise.analysis.cli import analyze
+from headwise.report.cli import demo as report_demo
 
 app = typer.Typer(help="headwise: multi-head attention, head by head.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that run headwise and its competitors side by side.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.command("demo")(report_demo)
 app.command("analyze")(analyze)
 console = Console()
 
@@ -24,57 +26,6 @@ COMPARE_OPTION = typer.Option(
     None, "--compare", help="An earlier result JSON: print a regression table, exit 1 on a slowdown."
 )
 THRESHOLD_OPTION = typer.Option(0.10, help="Relative slowdown that counts as a regression with --compare.")
-
-
-@app.command()
-def demo(seed: int = typer.Option(0, help="Random seed.")) -> None:
-    """A short tour of attend(): every mask, what each backend did, and the oracle check."""
-    import torch
-
-    from headwise import attend, causal, chunked, local, padding, per_head_windows, sliding_window
-
-    torch.manual_seed(seed)
-    B, Hq, Hkv, L, E = 2, 8, 2, 512, 64
-    q = torch.randn(B, Hq, L, E)
-    k, v = torch.randn(B, Hkv, L, E), torch.randn(B, Hkv, L, E)
-    masks = {
-        "none": None,
-        "causal": causal,
-        "sliding_window(64)": sliding_window(64),
-        "local(16, 16)": local(16, 16),
-        "chunked(128)": chunked(128),
-        "padding([512, 300])": padding([L, 300]),
-        "per_head_windows": per_head_windows([8, 8, 32, 32, 128, 128, None, None]),
-    }
-    table = Table(title=f"attend() on q {tuple(q.shape)}, k/v {tuple(k.shape)} (GQA 8/2), float32")
-    for col in (
-        "mask",
-        "auto backend",
-        "max |out - float64 ref|",
-        "stats backend",
-        "mean entropy (nats)",
-        "max weight",
-    ):
-        table.add_column(col)
-    for name, m in masks.items():
-        res = attend(q, k, v, mask=m)
-        gold = attend(q.double(), k.double(), v.double(), mask=m, backend="reference", need_stats=True)
-        err = (res.out.double() - gold.out).abs().max().item()
-        with_stats = attend(q, k, v, mask=m, need_stats=True)
-        st = with_stats.stats
-        table.add_row(
-            name,
-            res.backend,
-            f"{err:.2e}",
-            with_stats.backend,
-            f"{st.entropy.mean():.3f}",
-            f"{st.max_weight.mean():.3f}",
-        )
-    console.print(table)
-    console.print(
-        "Per-row entropy and max weight: streamed by the tiled kernel (no L x S matrix) or, for small "
-        "problems, taken chunk by chunk from the eager backend, whichever auto estimates faster."
-    )
 
 
 @bench_app.command("kernels")
