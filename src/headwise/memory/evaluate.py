@@ -86,18 +86,26 @@ def summarize(per_query: dict[str, np.ndarray], *, samples: int = 1000, seed: in
     return {m: list(bootstrap_ci(v, samples=samples, seed=seed)) for m, v in per_query.items()}
 
 
-def exact_search(docs: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k: (scores (Q, k) float32, ids (Q, k) int64), faiss IndexFlatIP."""
+def flat_index(docs: np.ndarray) -> Any:
+    """A faiss ``IndexFlatIP`` holding ``docs`` (N, d): exact inner-product search."""
     import faiss
 
     docs = np.ascontiguousarray(docs, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if docs.ndim != 2 or queries.ndim != 2 or docs.shape[1] != queries.shape[1]:
-        raise bad_argument("docs, queries", "(N, d) and (Q, d) arrays of one d", f"{docs.shape}, {queries.shape}")
-    if k < 1:
-        raise bad_argument("k", "an integer >= 1", k)
+    if docs.ndim != 2 or docs.shape[0] == 0:
+        raise bad_argument("docs", "a non-empty (N, d) array", docs.shape)
     index = faiss.IndexFlatIP(docs.shape[1])
     index.add(docs)
+    return index
+
+
+def exact_search(docs: np.ndarray | Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k: (scores (Q, k) float32, ids (Q, k) int64) of ``docs``, an array or a flat index."""
+    index = flat_index(docs) if isinstance(docs, np.ndarray) else docs
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise bad_argument("docs, queries", "(N, d) and (Q, d) arrays of one d", f"d={index.d}, {queries.shape}")
+    if k < 1:
+        raise bad_argument("k", "an integer >= 1", k)
     scores, ids = index.search(queries, k)
     return scores, ids.astype(np.int64)
 
@@ -108,11 +116,13 @@ Retriever = Callable[[np.ndarray, int], np.ndarray]
 
 def knn_retriever(docs: np.ndarray) -> Retriever:
     """Plain exact cosine kNN over ``docs`` (unit vectors)."""
-    return lambda q, k: exact_search(docs, q, k)[1]
+    index = flat_index(docs)
+    return lambda q, k: exact_search(index, q, k)[1]
 
 
 def enhanced_retriever(docs: np.ndarray, enhancer: Any, *, batch: int = 1024) -> Retriever:
     """First pass of ``enhancer.candidates`` neighbours, ``refine``, then a second exact pass."""
+    index = flat_index(docs)
 
     def run(q: np.ndarray, k: int) -> np.ndarray:
         out = []
@@ -120,11 +130,11 @@ def enhanced_retriever(docs: np.ndarray, enhancer: Any, *, batch: int = 1024) ->
             qb = q[s : s + batch]
             K = enhancer.candidates
             if K > 0:
-                scores, ids = exact_search(docs, qb, K)
+                scores, ids = exact_search(index, qb, K)
                 refined = enhancer.refine(qb, docs[ids], scores)
             else:
                 refined = enhancer.refine(qb)
-            out.append(exact_search(docs, refined, k)[1])
+            out.append(exact_search(index, refined, k)[1])
         return np.concatenate(out)
 
     return run

@@ -170,7 +170,7 @@ def train(
     best_state = copy.deepcopy(model.state_dict())
     hist.best_recall = validation_recall(model, data, data.val_idx)
     hist.best_step = 0
-    hist.records.append({"step": 0, "val_recall@10": hist.best_recall, "loss": float("nan")})
+    hist.records.append({"step": 0, "val_recall@10": hist.best_recall})  # no loss before the first step
     stale, order, pos, losses = 0, rng.permutation(data.train_idx), 0, []
     H = min(cfg.hard_negatives, data.hard.shape[1])
     model.train()

@@ -1,0 +1,165 @@
+"""Vector-memory benchmarks: per-query latency and throughput of retrieval methods, and the
+"flash" whole-memory read-out against the top-K attention route at 10k-1M stored vectors.
+
+Timings follow the harness rules: every method runs on the same queries in one process,
+interleaved, after a warm-up; latency is the p50 / p95 of single-query calls, throughput the
+queries per second of one batched call. Numbers depend on machine load: the committed quality
+metrics do not, these do (re-run on a quiet machine).
+
+Shapes: docs (N, d), queries (Q, d) float32 unit vectors.
+
+Example:
+    >>> import numpy as np
+    >>> from headwise.memory.evaluate import knn_retriever
+    >>> rng = np.random.default_rng(0)
+    >>> docs = rng.standard_normal((500, 16)).astype(np.float32)
+    >>> t = measure_latency(docs, docs[:40], {"knn": knn_retriever(docs)}, single=20, batch=40)
+    >>> sorted(t["knn"])
+    ['batch_qps', 'bytes_per_vector', 'p50_us', 'p95_us', 'single_qps']
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from headwise.bench.harness import Timing, machine_info
+from headwise.errors import bad_argument
+
+Retriever = Callable[[np.ndarray, int], np.ndarray]
+
+
+def measure_latency(
+    docs: np.ndarray,
+    queries: np.ndarray,
+    retrievers: dict[str, Retriever],
+    *,
+    single: int = 200,
+    batch: int = 1000,
+    k: int = 10,
+) -> dict[str, dict[str, float]]:
+    """{method: p50_us, p95_us, single_qps, batch_qps, bytes_per_vector} over the same queries.
+
+    ``bytes_per_vector`` is the exact (flat) index's float32 storage per document; the enhancers
+    add a fixed number of parameters, not bytes per vector.
+    """
+    if single < 1 or batch < 1 or len(queries) == 0:
+        raise bad_argument("single, batch, queries", "positive counts and at least one query", (single, batch))
+    qs = np.ascontiguousarray(queries[:single], dtype=np.float32)
+    qb = np.ascontiguousarray(queries[:batch], dtype=np.float32)
+    timings = {name: Timing() for name in retrievers}
+    for retrieve in retrievers.values():  # warm-up: faiss threads, torch kernels, caches
+        retrieve(qs[:2], k)
+    for i in range(len(qs)):  # interleaved: load bursts hit every method alike
+        for name, retrieve in retrievers.items():
+            t0 = time.perf_counter()
+            retrieve(qs[i : i + 1], k)
+            timings[name].times.append(time.perf_counter() - t0)
+    out = {}
+    for name, retrieve in retrievers.items():
+        t0 = time.perf_counter()
+        retrieve(qb, k)
+        elapsed = time.perf_counter() - t0
+        t = timings[name]
+        out[name] = {
+            "p50_us": 1e6 * t.median,
+            "p95_us": 1e6 * t.p95,
+            "single_qps": 1.0 / t.mean,
+            "batch_qps": len(qb) / elapsed,
+            "bytes_per_vector": float(docs.shape[1] * 4),
+        }
+    return out
+
+
+def latency_table(timing: dict[str, dict[str, float]], title: str = "latency (k=10, exact flat index)") -> Table:
+    """A rich table of :func:`measure_latency` results."""
+    table = Table(title=title)
+    for col in ("method", "p50 µs", "p95 µs", "single q/s", "batched q/s", "bytes/vector"):
+        table.add_column(col, justify="right")
+    for name, t in timing.items():
+        table.add_row(
+            name, f"{t['p50_us']:.0f}", f"{t['p95_us']:.0f}", f"{t['single_qps']:.0f}", f"{t['batch_qps']:.0f}",
+            f"{t['bytes_per_vector']:.0f}",
+        )  # fmt: skip
+    return table
+
+
+def grow_memory(docs: np.ndarray, size: int, *, noise: float = 0.15, seed: int = 0) -> np.ndarray:
+    """``size`` unit vectors: the real ``docs`` first, then perturbed copies of them as distractors.
+
+    Beyond the real corpus there is no more real text here; perturbed copies keep the
+    neighbourhood structure of real embeddings (isotropic noise vectors would have none).
+    """
+    if size <= len(docs):
+        return np.ascontiguousarray(docs[:size])
+    rng = np.random.default_rng(seed)
+    extra = docs[rng.integers(0, len(docs), size - len(docs))]
+    extra = extra + noise * rng.standard_normal(extra.shape).astype(np.float32) / np.sqrt(docs.shape[1])
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    return np.concatenate([docs, extra.astype(np.float32)])
+
+
+def flash_vs_topk(
+    docs: np.ndarray,
+    queries: np.ndarray,
+    relevant: Sequence[dict[int, int]],
+    topk: Any,
+    flash: Any,
+    *,
+    sizes: Sequence[int] = (10_000, 100_000, 1_000_000),
+    batch: int = 256,
+    repeat: int = 3,
+) -> list[dict[str, Any]]:
+    """Quality (recall@10 of the second pass) and batched latency of the two routes per memory size.
+
+    Only queries whose relevant documents lie inside the memory are scored at each size.
+    """
+    from headwise.memory.evaluate import enhanced_retriever, knn_retriever, per_query_metrics
+
+    rows = []
+    for n in sizes:
+        mem = grow_memory(docs, n)
+        keep = [i for i, r in enumerate(relevant) if max(r) < n][:batch]
+        if not keep:
+            continue
+        q, rel = np.ascontiguousarray(queries[keep]), [relevant[i] for i in keep]
+        flash.bind(mem)
+        routes = {
+            "knn": knn_retriever(mem),
+            "top-K": enhanced_retriever(mem, topk),
+            "flash": enhanced_retriever(mem, flash),
+        }
+        row: dict[str, Any] = {"memory": n, "queries": len(keep)}
+        timings = {name: Timing() for name in routes}
+        with torch.inference_mode():
+            for name, r in routes.items():
+                row[f"{name} recall@10"] = float(per_query_metrics(r(q, 100), rel)["recall@10"].mean())
+            for _ in range(repeat):
+                for name, r in routes.items():
+                    t0 = time.perf_counter()
+                    r(q, 10)
+                    timings[name].times.append(time.perf_counter() - t0)
+        for name, t in timings.items():
+            row[f"{name} ms/query"] = 1e3 * t.median / len(keep)
+        rows.append(row)
+    return rows
+
+
+def flash_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="flash (whole-memory read-out, tiled attend) vs top-K attention route")
+    cols = ["memory", "queries"] + [f"{r} {m}" for m in ("recall@10", "ms/query") for r in ("knn", "top-K", "flash")]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for row in rows:
+        table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else f"{row[c]:.4f}" for c in cols))
+    return table
+
+
+def bench_info() -> dict[str, Any]:
+    """Machine description for a result file."""
+    return machine_info()

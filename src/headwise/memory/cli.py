@@ -1,0 +1,316 @@
+"""``headwise memory``: build a retrieval dataset, train query enhancers, evaluate them, search.
+
+A working directory (``--dir``) holds everything one dataset needs::
+
+    DIR/manifest.json          dataset name, slice, fingerprint, sizes, the build command
+    DIR/docs.npy, queries.npy  MiniLM embeddings (N, 384) and (Q, 384), float32
+    DIR/models/<method>/       enhancer.safetensors + enhancer.json + history.json
+
+Typical session (see docs/memory-eval.md for the measured results)::
+
+    headwise memory build --dataset wordnet --out runs/wordnet
+    headwise memory train --dir runs/wordnet --method linear,multi-head
+    headwise memory eval  --dir runs/wordnet --out benchmarks/results/memory_wordnet
+    headwise memory search --dir runs/wordnet "a sharp cutting remark"
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from headwise.errors import HeadwiseError, bad_argument
+from headwise.memory.datasets import RetrievalDataset, embed_dataset, load_dataset
+from headwise.memory.evaluate import (
+    METRICS,
+    enhanced_retriever,
+    evaluate_methods,
+    knn_retriever,
+    paired_difference,
+    results_json,
+    results_markdown,
+    write_atomic,
+)
+
+memory_app = typer.Typer(help="Vector memory with a learned attention retrieval stage: build, train, eval, search.")
+console = Console()
+MANIFEST = "manifest.json"
+
+
+def _command(ctx: typer.Context) -> str:
+    """The running command with every parameter spelled out (defaults included): reproducible as written."""
+    parts = ["headwise", "memory", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None:
+            continue
+        if param.param_type_name == "argument":
+            parts.append(shlex.quote(str(value)))
+        else:
+            parts += [param.opts[0], shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _fail(exc: HeadwiseError) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+def _load(directory: Path) -> tuple[dict, RetrievalDataset, np.ndarray, np.ndarray]:
+    """The manifest, the dataset rebuilt from its source (checked by fingerprint) and the embeddings."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise bad_argument("--dir", f"a folder made by 'headwise memory build' (with {MANIFEST})", str(directory))
+    manifest = json.loads(path.read_text())
+    ds = load_dataset(manifest["source"], limit=manifest.get("limit"))
+    if ds.fingerprint() != manifest["fingerprint"]:
+        raise bad_argument("--dir", f"data matching fingerprint {manifest['fingerprint']}", ds.fingerprint())
+    docs = np.load(directory / "docs.npy", allow_pickle=False)
+    queries = np.load(directory / "queries.npy", allow_pickle=False)
+    return manifest, ds, docs, queries
+
+
+def _methods(spec: str) -> list[str]:
+    from headwise.memory.enhancer import MECHANISMS
+
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    allowed = ("knn", "linear", *MECHANISMS)
+    for n in names:
+        if n not in allowed:
+            raise bad_argument("--method", f"comma-separated names from {allowed}", repr(n))
+    return names
+
+
+@memory_app.command()
+def build(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option(help="wordnet, debian, or a JSONL(.gz) file in the Debian sample format")],
+    out: Annotated[Path, typer.Option(help="working directory to create")],
+    limit: Annotated[int | None, typer.Option(help="WordNet only: first N synsets of each part of speech")] = None,
+) -> None:
+    """Load a dataset, embed its documents and queries with MiniLM (cached), write the working directory."""
+    try:
+        t0 = time.perf_counter()
+        ds = load_dataset(dataset, limit=limit)
+        docs, queries = embed_dataset(ds, progress=True)
+    except HeadwiseError as exc:
+        _fail(exc)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, arr in (("docs.npy", docs), ("queries.npy", queries)):
+        tmp = out / f".{name}.tmp.npy"
+        np.save(tmp, arr, allow_pickle=False)
+        tmp.replace(out / name)
+    manifest = {
+        "source": str(Path(dataset).resolve()) if Path(dataset).is_file() else dataset,
+        "name": ds.name,
+        "limit": limit,
+        "fingerprint": ds.fingerprint(),
+        "documents": len(ds.documents),
+        "queries": len(ds),
+        "split": {p: len(v) for p, v in ds.split.items()},
+        "command": _command(ctx),
+    }
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
+    table = Table(title=f"built {ds.name} in {out}")
+    for col in ("documents", "queries", "train", "validation", "test", "dim", "seconds"):
+        table.add_column(col, justify="right")
+    sp = manifest["split"]
+    table.add_row(
+        f"{len(ds.documents):,}", f"{len(ds):,}", f"{sp['train']:,}", f"{sp['validation']:,}", f"{sp['test']:,}",
+        str(docs.shape[1]), f"{time.perf_counter() - t0:.1f}",
+    )  # fmt: skip
+    console.print(table)
+
+
+@memory_app.command()
+def train(
+    ctx: typer.Context,
+    dir: Annotated[Path, typer.Option(help="working directory made by 'build'")],
+    method: Annotated[str, typer.Option(help="comma-separated: linear, multi-head, hyperbolic, moe, flash")] = (
+        "linear,multi-head"
+    ),
+    steps: Annotated[int, typer.Option(help="maximum optimizer steps (early stopping on validation)")] = 1500,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    temperature: Annotated[float, typer.Option()] = 0.05,
+    hard_weight: Annotated[float, typer.Option(help="weight of the mined hard-negative InfoNCE term")] = 0.5,
+    candidates: Annotated[int, typer.Option(help="K first-pass candidates of the attention stage")] = 32,
+    heads: Annotated[int, typer.Option()] = 8,
+    eval_every: Annotated[int, typer.Option()] = 100,
+    patience: Annotated[int, typer.Option()] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train enhancers with InfoNCE over the whole corpus plus kNN-mined hard negatives; save the best."""
+    from headwise.memory.train import TrainConfig, TrainData, make_model
+    from headwise.memory.train import train as run_training
+
+    try:
+        names = [m for m in _methods(method) if m != "knn"]
+        manifest, ds, docs, queries = _load(dir)
+        cfg = TrainConfig(
+            steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, hard_weight=hard_weight,
+            eval_every=eval_every, patience=patience, seed=seed,
+        )  # fmt: skip
+        with console.status("mining first-pass candidates and hard negatives (exact kNN)"):
+            data = TrainData.build(
+                docs, queries, ds.relevant, ds.split["train"], ds.split["validation"], k=candidates,
+                hard_negatives=cfg.hard_negatives,
+            )  # fmt: skip
+    except HeadwiseError as exc:
+        _fail(exc)
+    table = Table(title=f"trained on {manifest['name']}: {len(ds.split['train']):,} queries")
+    for col in ("method", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
+        table.add_column(col, justify="right")
+    for name in names:
+        model = make_model(name, docs.shape[1], heads=heads, candidates=candidates, seed=seed)
+        t0 = time.perf_counter()
+        cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        with Progress(*cols, console=console, transient=True) as bar:
+            task = bar.add_task(f"training {name}", total=steps, info="")
+
+            def report(step: int, entry: dict, bar: Progress = bar, task: int = task) -> None:
+                bar.update(task, completed=step, info=f"val R@10 {entry['val_recall@10']:.4f}")
+
+            hist = run_training(model, data, cfg, progress=report)
+        where = dir / "models" / name
+        model.save(where)
+        history = {"records": hist.records, "best_step": hist.best_step, "config": hist.config,
+                   "seconds": time.perf_counter() - t0, "command": _command(ctx)}  # fmt: skip
+        write_atomic(where / "history.json", json.dumps(history, indent=2))
+        table.add_row(
+            name, f"{hist.records[0]['val_recall@10']:.4f}", f"{hist.best_recall:.4f}", str(hist.best_step),
+            str(hist.records[-1]["step"]), f"{history['seconds']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _retrievers(directory: Path, names: list[str], docs: np.ndarray) -> dict:
+    from headwise.memory.enhancer import QueryEnhancer, load_enhancer
+
+    out = {}
+    for name in names:
+        if name == "knn":
+            out[name] = knn_retriever(docs)
+            continue
+        model = load_enhancer(directory / "models" / name)
+        if isinstance(model, QueryEnhancer) and model.mechanism == "flash":
+            model.bind(docs)
+        out[name] = enhanced_retriever(docs, model)
+    return out
+
+
+@memory_app.command("eval")
+def evaluate(
+    ctx: typer.Context,
+    dir: Annotated[Path, typer.Option(help="working directory made by 'build' and 'train'")],
+    method: Annotated[str, typer.Option(help="comma-separated methods; knn is the baseline")] = "knn,linear,multi-head",
+    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
+    out: Annotated[Path | None, typer.Option(help="write OUT.md and OUT.json (e.g. benchmarks/results/memory_x)")] = (
+        None
+    ),
+    samples: Annotated[int, typer.Option(help="bootstrap resamples for the 95% CIs")] = 1000,
+    latency: Annotated[int, typer.Option(help="queries timed one by one for latency (0: skip)")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Recall@1/10/100, MRR@10, NDCG@10 with bootstrap 95% CIs (exact search); latency and memory."""
+    try:
+        names = _methods(method)
+        manifest, ds, docs, queries = _load(dir)
+        sub = ds.subset(split)
+        retrievers = _retrievers(dir, names, docs)
+    except HeadwiseError as exc:
+        _fail(exc)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("evaluating", total=len(names))
+
+        def step(name: str) -> None:
+            bar.update(task, description=f"evaluating {name}", advance=0 if name == names[0] else 1)
+
+        results = evaluate_methods(docs, queries[sub.index], sub.relevant, retrievers, samples=samples, seed=seed,
+                                   progress=step)  # fmt: skip
+        bar.update(task, completed=len(names))
+    by_name = {r.name: r for r in results}
+    comparisons = {}
+    for base in ("knn", "linear"):
+        if base not in by_name:
+            continue
+        for r in results:
+            if r.name != base:
+                for m in ("recall@10", "ndcg@10"):
+                    diff = paired_difference(r, by_name[base], m, samples=samples, seed=seed)
+                    base_mean = by_name[base].metrics[m][0]
+                    comparisons[f"{r.name} - {base} {m}"] = {
+                        "diff": list(diff), "relative": diff[0] / base_mean if base_mean else float("nan")
+                    }  # fmt: skip
+    timing = {}
+    if latency > 0:
+        from headwise.bench.memory import measure_latency
+
+        timing = measure_latency(docs, queries[sub.index], retrievers, single=latency)
+    table = Table(title=f"{manifest['name']} {split}: {len(sub.queries):,} queries, {len(docs):,} documents")
+    table.add_column("method")
+    for m in METRICS:
+        table.add_column(f"{m} [95% CI]", justify="right")
+    for r in results:
+        table.add_row(
+            r.name, *(f"{r.metrics[m][0]:.3f} [{r.metrics[m][1]:.3f}, {r.metrics[m][2]:.3f}]" for m in METRICS)
+        )
+    console.print(table)
+    if comparisons:
+        ct = Table(title="paired differences (bootstrap 95% CI)")
+        for col in ("comparison", "difference", "95% CI", "relative"):
+            ct.add_column(col, justify="right")
+        for k, v in comparisons.items():
+            d = v["diff"]
+            ct.add_row(k, f"{d[0]:+.4f}", f"[{d[1]:+.4f}, {d[2]:+.4f}]", f"{100 * v['relative']:+.1f}%")
+        console.print(ct)
+    if timing:
+        from headwise.bench.memory import latency_table
+
+        console.print(latency_table(timing))
+    if out is not None:
+        notes = [f"{k}: {v['diff'][0]:+.4f} [{v['diff'][1]:+.4f}, {v['diff'][2]:+.4f}], {100 * v['relative']:+.1f}%"
+                 for k, v in comparisons.items()]  # fmt: skip
+        title = f"{manifest['name']} {split} ({len(sub.queries):,} queries, {len(docs):,} documents, exact search)"
+        write_atomic(out.with_suffix(".md"), results_markdown(title, results, _command(ctx), notes))
+        payload = results_json(results, command=_command(ctx), dataset=manifest, split=split,
+                               comparisons=comparisons, latency=timing)  # fmt: skip
+        write_atomic(out.with_suffix(".json"), payload)
+        console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+@memory_app.command()
+def search(
+    ctx: typer.Context,
+    text: Annotated[str, typer.Argument(help="the query")],
+    dir: Annotated[Path, typer.Option(help="working directory made by 'build'")],
+    method: Annotated[str, typer.Option(help="knn or a trained method")] = "multi-head",
+    k: Annotated[int, typer.Option(min=1)] = 5,
+) -> None:
+    """Search the corpus for TEXT with cosine kNN and with METHOD, side by side."""
+    from headwise.memory.datasets import embed
+
+    try:
+        names = list(dict.fromkeys(["knn", *_methods(method)]))
+        manifest, ds, docs, _ = _load(dir)
+        retrievers = _retrievers(dir, names, docs)
+        q = embed([text], cache=False, progress=False)
+    except HeadwiseError as exc:
+        _fail(exc)
+    for name, retrieve in retrievers.items():
+        ids = retrieve(q, k)[0]
+        table = Table(title=f"{name}: {text!r}")
+        for col in ("rank", "score", "document"):
+            table.add_column(col, justify="right" if col != "document" else "left")
+        for rank, d in enumerate(ids, 1):
+            table.add_row(str(rank), f"{float(docs[d] @ q[0]):.3f}", ds.documents[d][:110])
+        console.print(table)

@@ -1,0 +1,65 @@
+"""``headwise memory`` build / train / eval / search on a real WordNet slice, through typer's runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.conftest import require_data
+from typer.testing import CliRunner
+
+from headwise.data.wordnet import wordnet_available
+from headwise.memory.cli import memory_app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    res = runner.invoke(memory_app, list(args), catch_exceptions=False, terminal_width=200)
+    return res
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    require_data(wordnet_available(), "WordNet (wordnet-base)")
+    d = tmp_path_factory.mktemp("wn")
+    res = invoke("build", "--dataset", "wordnet", "--limit", "100", "--out", str(d))
+    assert res.exit_code == 0, res.output
+    return d
+
+
+def test_build_writes_manifest(workdir):
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["documents"] == 400 and manifest["name"] == "wordnet-100"
+    assert sum(manifest["split"].values()) == manifest["queries"]
+
+
+def test_train_eval_search(workdir, tmp_path):
+    res = invoke("train", "--dir", str(workdir), "--method", "linear,multi-head", "--steps", "20",
+                 "--eval-every", "10", "--batch-size", "32", "--candidates", "8")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "best val R@10" in res.output
+    hist = json.loads((workdir / "models" / "multi-head" / "history.json").read_text())
+    assert [r["step"] for r in hist["records"]][0] == 0 and hist["config"]["steps"] == 20
+    out = tmp_path / "memory_wn"
+    res = invoke("eval", "--dir", str(workdir), "--method", "knn,linear,multi-head", "--out", str(out),
+                 "--samples", "100", "--latency", "3")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert set(data["methods"]) == {"knn", "linear", "multi-head"}
+    lo, mean, hi = (data["methods"]["knn"]["recall@10"][i] for i in (1, 0, 2))
+    assert 0 < lo <= mean <= hi <= 1
+    assert "multi-head - linear recall@10" in data["comparisons"]
+    assert set(data["latency"]["knn"]) >= {"p50_us", "batch_qps"}
+    assert data["command"].startswith(f"headwise memory eval --dir {workdir} --method knn,linear,multi-head")
+    assert f"Command: `{data['command']}`" in out.with_suffix(".md").read_text()
+    res = invoke("search", "--dir", str(workdir), "--method", "multi-head", "--k", "3", "a living thing")
+    assert res.exit_code == 0, res.output
+    assert "knn" in res.output and "multi-head" in res.output
+
+
+def test_errors_are_clean(tmp_path):
+    res = invoke("train", "--dir", str(tmp_path))
+    assert res.exit_code == 2 and "manifest.json" in res.output
+    res = invoke("build", "--dataset", "nonsense", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "dataset" in res.output
