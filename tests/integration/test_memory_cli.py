@@ -56,6 +56,17 @@ def test_train_eval_search(workdir, tmp_path):
     res = invoke("search", "--dir", str(workdir), "--method", "multi-head", "--k", "3", "a living thing")
     assert res.exit_code == 0, res.output
     assert "knn" in res.output and "multi-head" in res.output
+    bench = tmp_path / "memory_bench"
+    res = invoke("bench", "--dir", str(workdir), "--queries", "3", "--batch", "20", "--sizes", "200,800",
+                 "--out", str(bench))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(bench.with_suffix(".json").read_text())
+    assert set(data["latency"]) == {"flat", "hnsw"}
+    assert data["latency"]["flat"]["knn"]["recall_vs_exact"] == 1.0
+    rows = data["flash_vs_topk"]["rows"]
+    assert [r["memory"] for r in rows] == [200, 800]
+    # The untrained flash read-out is the identity: its second pass is exactly kNN.
+    assert all(r["flash recall@10"] == r["knn recall@10"] for r in rows)
 
 
 def test_errors_are_clean(tmp_path):

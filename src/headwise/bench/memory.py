@@ -160,6 +160,63 @@ def flash_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def store_latency(
+    docs: np.ndarray,
+    queries: np.ndarray,
+    enhancers: dict[str, Any],
+    *,
+    index: str = "hnsw",
+    ef_search: int = 64,
+    single: int = 200,
+    batch: int = 1000,
+    k: int = 10,
+) -> dict[str, dict[str, float]]:
+    """Latency of :class:`~headwise.memory.store.VectorMemory` searches with each enhancer (None = plain).
+
+    One store holds ``docs``; methods take turns per query (interleaved). Adds ``recall_vs_exact``:
+    recall@k of this index's plain search against exact search on the same queries.
+    """
+    from headwise.memory.evaluate import exact_search
+    from headwise.memory.store import VectorMemory
+
+    mem = VectorMemory(docs.shape[1], metric="ip", index=index, ef_search=ef_search)
+    mem.add(docs)
+    qs = np.ascontiguousarray(queries[:single], dtype=np.float32)
+    qb = np.ascontiguousarray(queries[:batch], dtype=np.float32)
+    timings = {name: Timing() for name in enhancers}
+    with torch.inference_mode():
+        for enh in enhancers.values():  # warm-up
+            mem.set_enhancer(enh)
+            mem.search(qs[:2], k)
+        for i in range(len(qs)):
+            for name, enh in enhancers.items():
+                mem.set_enhancer(enh)
+                t0 = time.perf_counter()
+                mem.search(qs[i : i + 1], k)
+                timings[name].times.append(time.perf_counter() - t0)
+        out: dict[str, dict[str, float]] = {}
+        for name, enh in enhancers.items():
+            mem.set_enhancer(enh)
+            t0 = time.perf_counter()
+            mem.search_batch(qb, k)
+            elapsed = time.perf_counter() - t0
+            t = timings[name]
+            out[name] = {
+                "p50_us": 1e6 * t.median,
+                "p95_us": 1e6 * t.p95,
+                "single_qps": 1.0 / t.mean,
+                "batch_qps": len(qb) / elapsed,
+                "bytes_per_vector": float(docs.shape[1] * 4),
+            }
+        mem.set_enhancer(None)
+        approx = mem.search_batch(qb, k)[1]
+    exact = exact_search(docs, qb, k)[1]
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx.tolist(), exact.tolist())])
+    for row in out.values():
+        row["recall_vs_exact"] = float(overlap)
+    return out
+
+
 def bench_info() -> dict[str, Any]:
     """Machine description for a result file."""
     return machine_info()

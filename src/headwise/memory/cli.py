@@ -314,3 +314,68 @@ def search(
         for rank, d in enumerate(ids, 1):
             table.add_row(str(rank), f"{float(docs[d] @ q[0]):.3f}", ds.documents[d][:110])
         console.print(table)
+
+
+@memory_app.command()
+def bench(
+    ctx: typer.Context,
+    dir: Annotated[Path, typer.Option(help="working directory made by 'build' and 'train'")],
+    method: Annotated[str, typer.Option(help="trained methods to time besides plain search")] = "linear,multi-head",
+    out: Annotated[Path | None, typer.Option(help="write OUT.md and OUT.json")] = None,
+    queries: Annotated[int, typer.Option(help="test queries timed one by one")] = 200,
+    batch: Annotated[int, typer.Option(help="queries in the batched call")] = 1000,
+    sizes: Annotated[str, typer.Option(help="memory sizes for flash vs top-K ('' to skip)")] = "10000,100000,1000000",
+    ef_search: Annotated[int, typer.Option()] = 64,
+) -> None:
+    """Latency and throughput through VectorMemory (flat and HNSW), and flash vs top-K at 10k-1M vectors."""
+    from headwise.bench.memory import bench_info, flash_table, flash_vs_topk, latency_table, store_latency
+    from headwise.memory.enhancer import QueryEnhancer, load_enhancer
+
+    try:
+        names = [m for m in _methods(method) if m != "knn"]
+        manifest, ds, docs, qemb = _load(dir)
+        sub = ds.subset("test")
+        enhancers = {"knn": None, **{n: load_enhancer(dir / "models" / n) for n in names}}
+    except HeadwiseError as exc:
+        _fail(exc)
+    tq = qemb[sub.index]
+    result: dict = {"command": _command(ctx), "dataset": manifest, "machine": bench_info(), "latency": {}}
+    for kind in ("flat", "hnsw"):
+        with console.status(f"timing VectorMemory ({kind})"):
+            t = store_latency(docs, tq, enhancers, index=kind, ef_search=ef_search, single=queries, batch=batch)
+        result["latency"][kind] = t
+        console.print(latency_table(t, f"VectorMemory {kind} (ef_search={ef_search}), k=10, {len(docs):,} vectors"))
+    size_list = [int(x) for x in sizes.split(",") if x.strip()]
+    if size_list and "multi-head" in enhancers:
+        flash_dir = dir / "models" / "flash"
+        flash = load_enhancer(flash_dir) if flash_dir.is_dir() else QueryEnhancer(docs.shape[1], mechanism="flash")
+        with console.status("flash vs top-K"):
+            rows = flash_vs_topk(docs, tq, sub.relevant, enhancers["multi-head"], flash, sizes=size_list)
+        result["flash_vs_topk"] = {"trained_flash": flash_dir.is_dir(), "rows": rows}
+        console.print(flash_table(rows))
+    if out is not None:
+        lines = [f"## Vector memory latency ({manifest['name']}, {len(docs):,} vectors)", ""]
+        for kind, t in result["latency"].items():
+            lines += [f"### VectorMemory {kind}", "", "| method | p50 µs | p95 µs | single q/s | batched q/s | "
+                      "bytes/vector | index recall@10 vs exact |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for n, r in t.items():
+                lines.append(
+                    f"| {n} | {r['p50_us']:.0f} | {r['p95_us']:.0f} | {r['single_qps']:.0f} | {r['batch_qps']:.0f} "
+                    f"| {r['bytes_per_vector']:.0f} | {r['recall_vs_exact']:.3f} |"
+                )
+            lines.append("")
+        if "flash_vs_topk" in result:
+            lines += ["### flash (whole memory, tiled attend) vs top-K route", "",
+                      "| memory | queries | knn R@10 | top-K R@10 | flash R@10 | knn ms/q | top-K ms/q | flash ms/q |",
+                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for r in result["flash_vs_topk"]["rows"]:
+                lines.append(
+                    f"| {r['memory']:,} | {r['queries']} | {r['knn recall@10']:.3f} | {r['top-K recall@10']:.3f} | "
+                    f"{r['flash recall@10']:.3f} | {r['knn ms/query']:.3f} | {r['top-K ms/query']:.3f} | "
+                    f"{r['flash ms/query']:.3f} |"
+                )
+            lines.append("")
+        lines += [f"Command: `{result['command']}`", ""]
+        write_atomic(out.with_suffix(".md"), "\n".join(lines))
+        write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2, default=str))
+        console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")

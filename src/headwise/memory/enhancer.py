@@ -72,6 +72,9 @@ class _Enhancer(nn.Module):
     """Shared protocol: ``candidates``, ``refine`` (numpy in, numpy out), ``config``, save/load."""
 
     candidates: int
+    #: False when refine() ignores the candidates (linear, flash): they still ask the store for
+    #: K = 1, the store's minimum, so the first pass costs one neighbour.
+    uses_candidates: bool = True
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError  # each subclass returns its constructor arguments
@@ -83,7 +86,7 @@ class _Enhancer(nn.Module):
         self.eval()
         try:
             q = _as_tensor(queries, "queries", 2, self.dim)
-            if self.candidates > 0:
+            if self.uses_candidates:
                 c = _as_tensor(cand_vectors, "cand_vectors", 3, self.dim)
                 s = _as_tensor(cand_scores, "cand_scores", 2, 0)
                 if c.shape[0] != q.shape[0] or s.shape != c.shape[:2]:
@@ -118,7 +121,7 @@ class _Enhancer(nn.Module):
 class LinearAdapter(_Enhancer):
     """``normalize(q + W q + b)`` with W, b initialised to 0: a learned linear query map.
 
-    ``candidates`` is 0: the store needs no first pass for it.
+    It ignores candidates: ``candidates`` is 1, the least a store asks for.
 
     Example:
         >>> import torch
@@ -132,7 +135,7 @@ class LinearAdapter(_Enhancer):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise bad_argument("dim", "an integer >= 1", repr(dim))
-        self.dim, self.candidates = dim, 0
+        self.dim, self.candidates, self.uses_candidates = dim, 1, False
         self.linear = nn.Linear(dim, dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -152,7 +155,7 @@ class QueryEnhancer(_Enhancer):
         dim: embedding dimension d.
         mechanism: "multi-head", "hyperbolic", "moe" or "flash".
         heads: attention heads (MoE: experts x heads_per_expert = heads, 4 experts).
-        candidates: K, the first-pass neighbours the store hands to :meth:`refine` (flash: 0).
+        candidates: K, the first-pass neighbours the store hands to :meth:`refine` (flash: 1, unused).
         dropout: dropout on candidate tokens while training.
     """
 
@@ -167,12 +170,13 @@ class QueryEnhancer(_Enhancer):
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
             raise bad_argument("heads", f"a positive divisor of dim ({dim})", repr(heads))
         if mechanism == "flash":
-            candidates = 0
+            candidates = 1
         elif isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise bad_argument("candidates", "an integer >= 1", repr(candidates))
         if not 0 <= dropout < 1:
             raise bad_argument("dropout", "a number in [0, 1)", repr(dropout))
         self.dim, self.mechanism, self.heads, self.candidates, self.dropout = dim, mechanism, heads, candidates, dropout
+        self.uses_candidates = mechanism != "flash"
         self.adapter = nn.Linear(dim, dim)
         self.mix = nn.Linear(dim, dim)
         for lin in (self.adapter, self.mix):  # zero: the untrained enhancer is the identity

@@ -128,9 +128,8 @@ def enhanced_retriever(docs: np.ndarray, enhancer: Any, *, batch: int = 1024) ->
         out = []
         for s in range(0, len(q), batch):
             qb = q[s : s + batch]
-            K = enhancer.candidates
-            if K > 0:
-                scores, ids = exact_search(index, qb, K)
+            if getattr(enhancer, "uses_candidates", True):
+                scores, ids = exact_search(index, qb, enhancer.candidates)
                 refined = enhancer.refine(qb, docs[ids], scores)
             else:
                 refined = enhancer.refine(qb)

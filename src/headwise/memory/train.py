@@ -127,7 +127,7 @@ class History:
 def refine_batch(model: torch.nn.Module, data: TrainData, idx: Tensor) -> Tensor:
     """Refined queries (b, d) of the queries ``idx`` with their mined first-pass candidates."""
     q = data.queries[idx]
-    if getattr(model, "candidates", 0) > 0:
+    if getattr(model, "uses_candidates", True):
         K = model.candidates
         cand = data.docs[data.cand_ids[idx, :K]]
         return model(q, cand, data.cand_scores[idx, :K])
