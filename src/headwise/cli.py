@@ -1,4 +1,4 @@
-"""The ``headwise`` command line: demo, analyze, bench, docs."""
+"""The ``headwise`` command line: demo, analyze, memory, bench, docs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from headwise.analysis.cli import analyze
+from headwise.memory.cli import memory_app
 from headwise.report.cli import demo as report_demo
 
 app = typer.Typer(help="headwise: multi-head attention, head by head.", no_args_is_help=True)
@@ -19,6 +20,7 @@ bench_app = typer.Typer(help="Benchmarks that run headwise and its competitors s
 app.add_typer(bench_app, name="bench")
 app.command("demo")(report_demo)
 app.command("analyze")(analyze)
+app.add_typer(memory_app, name="memory")
 console = Console()
 
 DEFAULT_SEQS = [512, 1024, 2048, 4096, 8192, 16384]
