@@ -136,6 +136,22 @@ def bench_components(
     typer.echo((report / "components.md").read_text())
 
 
+@bench_app.command("analysis")
+def bench_analysis(
+    suite: str = typer.Argument(..., help="timing (full MiniLM analysis, capture overhead), memory or pruning."),
+    n_texts: int = typer.Option(256, help="Real WordNet sentences for the timing suite."),
+    repeat: int = typer.Option(5, help="Timed runs (median reported)."),
+    length: int = typer.Option(4096, help="Tokens of the long input of the memory suite."),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for the result files."),
+) -> None:
+    """Head-analysis suites: 72-head analysis time and capture overhead, streaming-stats memory, pruning."""
+    from headwise.bench.analysis import main
+
+    if suite not in ("timing", "memory", "pruning"):
+        raise typer.BadParameter(f"suite: expected timing, memory or pruning, got {suite!r}")
+    main([suite, "--out", str(report), "--n-texts", str(n_texts), "--repeat", str(repeat), "--length", str(length)])
+
+
 @bench_app.command("compare")
 def bench_compare(
     old: Path = typer.Argument(..., help="Earlier result JSON (benchmarks/results/*.json)."),
