@@ -6,12 +6,13 @@ the images that failed to load (``complete`` false or ``naturalWidth`` 0), the c
 errors, the page height, and a full-page PNG screenshot when asked (Chrome DevTools
 ``Page.captureScreenshot`` with ``captureBeyondViewport``, optionally scaled down).
 
-Example (needs the Debian packages chromium and chromium-driver)::
+Example (needs the Debian packages chromium and chromium-driver; run for real by
+tests/integration/test_report_browser.py)::
 
-    >>> from headwise.report.browser import check_page  # doctest: +SKIP
-    >>> r = check_page(Path("report/index.html"), screenshot=Path("shot.png"))  # doctest: +SKIP
-    >>> r.broken_images, r.console_errors  # doctest: +SKIP
-    ([], [])
+    from headwise.report.browser import check_page
+
+    r = check_page(Path("report/index.html"), screenshot=Path("shot.png"))
+    r.broken_images, r.console_errors   # ([], []) for a good page
 """
 
 from __future__ import annotations
