@@ -69,7 +69,7 @@ def bench_modules(
     """MultiHeadAttention vs torch nn.MultiheadAttention; GQA 8/2 vs MHA 8/8."""
     from headwise.bench.harness import machine_info, wait_for_quiet
     from headwise.bench.modules import run_module_memory, run_modules, to_markdown
-    from headwise.bench.report import write_text_atomic
+    from headwise.fileio import write_atomic
 
     wait_for_quiet()
     info = machine_info()
@@ -80,8 +80,8 @@ def bench_modules(
             result["memory"] = run_module_memory()
     command = _command()
     report.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report / "modules.md", to_markdown(result, command, info))
-    write_text_atomic(report / "modules.json", json.dumps({"command": command, "machine": info, **result}, indent=1))
+    write_atomic(report / "modules.md", to_markdown(result, command, info))
+    write_atomic(report / "modules.json", json.dumps({"command": command, "machine": info, **result}, indent=1))
     console.print((report / "modules.md").read_text())
     _maybe_compare(compare, report / "modules.json", threshold)
 
@@ -95,17 +95,17 @@ def bench_train(
     """Train a tiny character LM on the stdlib source with each attention; compare losses."""
     from dataclasses import asdict
 
-    from headwise.bench.report import write_text_atomic
     from headwise.bench.train import TrainConfig, to_markdown, train_all
+    from headwise.fileio import write_atomic
 
     cfg = TrainConfig(steps=steps, seed=seed)
     with console.status("training") as status:
         results = train_all(cfg, progress=lambda s: status.update(s))
     command = _command()
     report.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report / "train.md", to_markdown(results, cfg, command))
+    write_atomic(report / "train.md", to_markdown(results, cfg, command))
     payload = {"command": command, "config": asdict(cfg), "results": results}
-    write_text_atomic(report / "train.json", json.dumps(payload, indent=1))
+    write_atomic(report / "train.json", json.dumps(payload, indent=1))
     console.print((report / "train.md").read_text())
 
 
@@ -120,7 +120,7 @@ def bench_components(
     """Profiler breakdown of a MultiHeadAttention forward: projections, QK^T, mask, softmax, AV."""
     from headwise.bench.components import run_components, to_markdown
     from headwise.bench.harness import machine_info, wait_for_quiet
-    from headwise.bench.report import write_text_atomic
+    from headwise.fileio import write_atomic
 
     if repeat < 1:
         raise typer.BadParameter("--repeat must be >= 1")
@@ -130,9 +130,9 @@ def bench_components(
         rows = run_components(sorted(set(seq)), repeat, embed, heads)
     command = _command()
     report.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report / "components.md", to_markdown(rows, command, info, embed, heads, True))
+    write_atomic(report / "components.md", to_markdown(rows, command, info, embed, heads, True))
     payload = {"command": command, "machine": info, "rows": rows}
-    write_text_atomic(report / "components.json", json.dumps(payload, indent=1))
+    write_atomic(report / "components.json", json.dumps(payload, indent=1))
     typer.echo((report / "components.md").read_text())
 
 
@@ -184,12 +184,12 @@ def _command() -> str:
 @app.command()
 def docs(out: Path = typer.Option(Path("docs/attend.md"), help="File to (re)write.")) -> None:
     """Regenerate the backend table in docs/attend.md from the registry."""
-    from headwise.bench.report import write_text_atomic
     from headwise.docs import render_attend_doc
+    from headwise.fileio import write_atomic
 
     text = render_attend_doc(out.read_text() if out.exists() else None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, text)
+    write_atomic(out, text)
     console.print(f"wrote {out}")
 
 

@@ -17,10 +17,8 @@ Each writes ``analysis_<suite>.json`` / ``.md`` (pruning: ``pruning_minilm.*`` a
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,17 +34,9 @@ from headwise.bench.harness import (
     time_interleaved,
     wait_for_quiet,
 )
+from headwise.fileio import write_atomic
 
 GIB = 1024**3
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
 
 
 def wordnet_texts(n: int, kind: str = "example", skip: int = 0) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 
 from headwise.bench.harness import Timing, machine_info, measure_in_subprocess, time_interleaved, wait_for_quiet
 from headwise.bench.kernels import HEADWISE, IMPLS, Case, cases_for, run_case
+from headwise.fileio import write_atomic
 
 COMPETITORS = tuple(i for i in IMPLS if i not in HEADWISE)
 # Peak-memory probes: (variant, backward, implementations); run at the largest L <= limit.
@@ -222,16 +223,9 @@ def write_report(result: dict, out_dir: Path, name: str = "kernels") -> tuple[Pa
     result["command"] = command
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    write_text_atomic(js, json.dumps(result, indent=1))
-    write_text_atomic(md, to_markdown(result, command))
+    write_atomic(js, json.dumps(result, indent=1))
+    write_atomic(md, to_markdown(result, command))
     return md, js
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename: a crash never leaves half a report."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 __all__ = ["run_kernels", "write_report", "to_markdown", "goals", "Case"]

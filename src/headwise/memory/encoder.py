@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
-from headwise.memory.storage import atomic_write_bytes
+from headwise.fileio import write_atomic
 
 MINILM_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -105,8 +105,8 @@ class EmbeddingCache:
         keys = np.frombuffer(b"".join(text_key(self.model_id, t) for t in texts), dtype=np.uint8).reshape(-1, 32)
         name = hashlib.sha256(keys.tobytes()).hexdigest()[:32]
         vectors_file = self.directory / f"{name}.vectors.npy"
-        atomic_write_bytes(vectors_file, _npy_bytes(np.ascontiguousarray(vectors, dtype=np.float32)))
-        atomic_write_bytes(self.directory / f"{name}.keys.npy", _npy_bytes(keys))
+        write_atomic(vectors_file, _npy_bytes(np.ascontiguousarray(vectors, dtype=np.float32)))
+        write_atomic(self.directory / f"{name}.keys.npy", _npy_bytes(keys))
         where = self._load_index()
         for row, key in enumerate(keys):
             where[key.tobytes()] = (vectors_file, row)

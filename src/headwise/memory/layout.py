@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
+from headwise.fileio import fsync_dir, write_atomic
 from headwise.memory.index import SlotIndex
-from headwise.memory.storage import Storage, atomic_write_bytes, fsync_dir
+from headwise.memory.storage import Storage
 
 FORMAT = "headwise.memory"
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ def sha256(data: bytes) -> str:
 
 def write_manifest(directory: Path, index_entry: dict[str, Any] | None) -> None:
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "database": DATABASE, "index": index_entry}
-    atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -27,9 +27,7 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -272,31 +270,3 @@ def _unpack(rows: list[tuple[int, int, bytes]], dim: int) -> tuple[np.ndarray, n
     ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
     vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
     return seqs, ids, vecs.copy()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, ``os.replace``.
-
-    A reader sees the old file or the new one, never a partial one; temporary names start
-    with ``.`` and end with ``.tmp`` so that leftovers of a crash are recognisable.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that a rename or a new file in it survives power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
+from headwise.fileio import write_atomic
 from headwise.memory.cache import ResultCache
 from headwise.memory.encoder import TextEncoder
 from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
@@ -73,7 +74,7 @@ from headwise.memory.layout import (
     write_manifest,
 )
 from headwise.memory.metrics import MetricsCollector
-from headwise.memory.storage import Storage, atomic_write_bytes
+from headwise.memory.storage import Storage
 
 #: Tombstone fraction of the slots above which delete() rebuilds the index in memory.
 COMPACT_AT = 0.25
@@ -239,8 +240,8 @@ class VectorMemory:
                 "n_slots": self._index.n_slots,
                 "n_live": self._index.n_live,
             }
-            atomic_write_bytes(self.path / entry["file"], index_bytes)
-            atomic_write_bytes(self.path / entry["slots_file"], slot_bytes)
+            write_atomic(self.path / entry["file"], index_bytes)
+            write_atomic(self.path / entry["slots_file"], slot_bytes)
             write_manifest(self.path, entry)
             for name in (old.get("file"), old.get("slots_file")):
                 if name:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headwise.errors import HeadwiseError, bad_argument
-from headwise.report.common import write_atomic
+from headwise.fileio import write_atomic
 
 FLAGS = [
     "--headless=new",

@@ -23,8 +23,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from torch import Tensor
 
 from headwise.errors import bad_argument
+from headwise.fileio import write_atomic
 
 #: Significant digits kept in the JSON files (enough to compare runs, readable to people).
 DIGITS = 10
@@ -100,22 +99,6 @@ class Section:
         path = out / "data" / f"{self.key}.json"
         write_atomic(path, json.dumps(self.to_json(), indent=1).encode())
         return path
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rounded(obj: Any, digits: int = DIGITS) -> Any:

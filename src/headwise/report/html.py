@@ -18,7 +18,8 @@ from html import escape
 from importlib import metadata
 from pathlib import Path
 
-from headwise.report.common import Section, Table, write_atomic
+from headwise.fileio import write_atomic
+from headwise.report.common import Section, Table
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;

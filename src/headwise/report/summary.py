@@ -167,7 +167,7 @@ def _run_analysis(texts: list[str], out: Path | None, seed: int):
     if out is not None:
         import json
 
-        from headwise.report.common import write_atomic
+        from headwise.fileio import write_atomic
 
         where = Path(out) / "analysis"
         written = write_figures(res, where)
