@@ -244,7 +244,7 @@ def evaluate(
         if base not in by_name:
             continue
         for r in results:
-            if r.name != base:
+            if r.name not in (base, "knn"):
                 for m in ("recall@10", "ndcg@10"):
                     diff = paired_difference(r, by_name[base], m, samples=samples, seed=seed)
                     base_mean = by_name[base].metrics[m][0]

@@ -161,6 +161,23 @@ def train(
     cfg = config or TrainConfig()
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
         raise bad_argument("config", "steps >= 1, batch_size >= 1, temperature > 0", cfg)
+    # The softmax over ~100k documents holds many probabilities below float32's normal range;
+    # on x86 CPUs subnormal arithmetic made the backward pass 4x slower (measured: 4.3 s -> 1.0 s
+    # per step on WordNet). Flushing them to zero changes gradients by < 1e-38 per entry.
+    flush = torch.set_flush_denormal(True)
+    try:
+        return _train(model, data, cfg, progress)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _train(
+    model: torch.nn.Module,
+    data: TrainData,
+    cfg: TrainConfig,
+    progress: Callable[[int, dict[str, float]], None] | None,
+) -> History:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if isinstance(model, QueryEnhancer) and model.mechanism == "flash":
