@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from headwise.analysis.cli import analyze
+from headwise.memory.cli import bench as memory_bench
 from headwise.memory.cli import memory_app
 from headwise.report.cli import demo as report_demo
 
@@ -150,6 +151,30 @@ def bench_analysis(
     if suite not in ("timing", "memory", "pruning"):
         raise typer.BadParameter(f"suite: expected timing, memory or pruning, got {suite!r}")
     main([suite, "--out", str(report), "--n-texts", str(n_texts), "--repeat", str(repeat), "--length", str(length)])
+
+
+bench_app.command("memory")(memory_bench)
+
+
+@bench_app.command("all")
+def bench_all(
+    repeat: int = typer.Option(5, help="Timed runs per figure (median reported)."),
+    memory_dir: Path | None = typer.Option(
+        None, "--memory-dir", help="A 'headwise memory build' + 'train' directory: adds the vector-memory suite."
+    ),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for every result file."),
+) -> None:
+    """Every suite in turn: kernels, modules, components, analysis timing (and memory with --memory-dir)."""
+    import subprocess
+
+    bench_kernels(DEFAULT_SEQS, repeat, True, report, None, 0.10)
+    bench_modules(repeat, True, report, None, 0.10)
+    bench_components([128, 1024, 4096], 3, 512, 8, report)
+    bench_analysis("timing", 256, repeat, 4096, report)
+    if memory_dir is not None:
+        # A subprocess: the memory command records its own command line from its context.
+        cmd = [sys.executable, "-m", "headwise.cli", "memory", "bench", "--dir", str(memory_dir)]
+        subprocess.run([*cmd, "--out", str(report / "memory_latency")], check=True)
 
 
 @bench_app.command("compare")
