@@ -36,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -51,6 +52,12 @@ from headwise.masks import Mask, and_masks, causal, padding
 
 IMPLEMENTATION = "headwise"
 _ACTIVE: ContextVar[AttentionCache | None] = ContextVar("headwise_attention_cache", default=None)
+# transformers builds one mask per forward and hands the same tensor to every layer: the
+# last conversion is kept (by weak reference, so a freed tensor can never be mistaken for a
+# new one at the same address) and reused while the tensor is unchanged (same _version).
+# One tuple (weakref to the tensor, its _version, (is_causal, L, S), result), swapped whole so
+# that threads never see a half-updated entry.
+_LAST_MASK: list[tuple | None] = [None]
 
 
 def register(name: str = IMPLEMENTATION) -> str:
@@ -123,6 +130,20 @@ def convert_mask(attention_mask: Tensor | None, is_causal: bool, L: int, S: int)
     return keep
 
 
+def _converted(attention_mask: Tensor | None, is_causal: bool, L: int, S: int) -> Mask | Tensor | None:
+    """:func:`convert_mask`, reused across the layers of one forward."""
+    if attention_mask is None:
+        return convert_mask(None, is_causal, L, S)
+    entry = _LAST_MASK[0]
+    if entry is not None:
+        ref, version, args, result = entry
+        if ref() is attention_mask and version == attention_mask._version and args == (is_causal, L, S):
+            return result
+    result = convert_mask(attention_mask, is_causal, L, S)
+    _LAST_MASK[0] = (weakref.ref(attention_mask), attention_mask._version, (is_causal, L, S), result)
+    return result
+
+
 def _layer_of(module: nn.Module) -> int:
     layer = getattr(module, "layer_idx", None)
     if isinstance(layer, int):
@@ -144,7 +165,7 @@ def headwise_attention_forward(
     L, S = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
-    mask = convert_mask(attention_mask, is_causal, L, S)
+    mask = _converted(attention_mask, is_causal, L, S)
     cache = _ACTIVE.get()
     keep = cache is not None and cache.wants_layer(_layer_of(module))
     need_weights = bool(kwargs.get("output_attentions")) or (keep and cache.mode == "weights")
