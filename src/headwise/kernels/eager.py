@@ -61,10 +61,19 @@ def _mask_and_modify(req: Request, s: Tensor, q0: int, n: int, inplace: bool) ->
     return s5
 
 
+def _chunk_rows(B: int, Hq: int, L: int, S: int) -> int:
+    """Query rows per chunk: their float32 logits for all heads fill about _CHUNK_BYTES."""
+    return max(1, min(L, _CHUNK_BYTES // (4 * B * Hq * S)))
+
+
 def eager_attention(req: Request) -> AttentionOutput:
     """Materialising attention; without autograd it runs query chunk by query chunk."""
-    # Head-split projections arrive as permuted views: one copy now, not one per chunk.
-    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
+    q, k, v = req.q, req.k, req.v
+    B, Hq, _, L, S, _, _ = req.shape
+    if req.needs_grad or _chunk_rows(B, Hq, L, S) < L:
+        # Head-split projections arrive as permuted views: one copy now, not one per chunk.
+        # A single chunk reads them once anyway, and matmul takes the strided views as they are.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if req.score is not None:
         q, k = req.score.prepare(q, k)
     if req.needs_grad:
@@ -118,7 +127,7 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
     B, Hq, Hkv, L, S, E, Ev = req.shape
     G = Hq // Hkv
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    n = max(1, min(L, _CHUNK_BYTES // (4 * B * Hq * S)))
+    n = _chunk_rows(B, Hq, L, S)
     out = q.new_empty(B, Hkv, G, L, Ev)
     lse = q.new_empty(B, Hkv, G, L, dtype=acc)
     per_head = req.need_weights is True
