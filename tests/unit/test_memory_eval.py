@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headwise.errors import HeadwiseError
+from headwise.fileio import write_atomic
 from headwise.memory.evaluate import (
     METRICS,
     MethodResult,
@@ -21,7 +22,6 @@ from headwise.memory.evaluate import (
     results_json,
     results_markdown,
     summarize,
-    write_atomic,
 )
 
 

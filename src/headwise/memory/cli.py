@@ -29,6 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from headwise.errors import HeadwiseError, bad_argument
+from headwise.fileio import write_atomic
 from headwise.memory.datasets import RetrievalDataset, embed_dataset, load_dataset
 from headwise.memory.evaluate import (
     METRICS,
@@ -38,7 +39,6 @@ from headwise.memory.evaluate import (
     paired_difference,
     results_json,
     results_markdown,
-    write_atomic,
 )
 
 memory_app = typer.Typer(help="Vector memory with a learned attention retrieval stage: build, train, eval, search.")

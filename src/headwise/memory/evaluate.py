@@ -27,10 +27,8 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -173,14 +171,6 @@ def paired_difference(
 ) -> tuple[float, float, float]:
     """(mean, low, high) of metric(a) - metric(b) over the same queries, paired bootstrap 95% CI."""
     return bootstrap_ci(a.per_query[metric] - b.per_query[metric], samples=samples, seed=seed)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def results_markdown(title: str, results: list[MethodResult], command: str, notes: Sequence[str] = ()) -> str:
