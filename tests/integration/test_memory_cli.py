@@ -58,7 +58,7 @@ def test_train_eval_search(workdir, tmp_path):
     assert "knn" in res.output and "multi-head" in res.output
     bench = tmp_path / "memory_bench"
     res = invoke("bench", "--dir", str(workdir), "--queries", "3", "--batch", "20", "--sizes", "200,800",
-                 "--out", str(bench))  # fmt: skip
+                 "--mechanism-sizes", "100,100000", "--mechanisms", "multi-head", "--out", str(bench))  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads(bench.with_suffix(".json").read_text())
     assert set(data["latency"]) == {"flat", "hnsw"}
@@ -67,6 +67,10 @@ def test_train_eval_search(workdir, tmp_path):
     assert [r["memory"] for r in rows] == [200, 800]
     # The untrained flash read-out is the identity: its second pass is exactly kNN.
     assert all(r["flash recall@10"] == r["knn recall@10"] for r in rows)
+    # Per-mechanism latency: sizes beyond the corpus are skipped, not faked.
+    assert [(r["stored"], r["method"]) for r in data["mechanisms"]] == [(100, "none"), (100, "multi-head")]
+    assert "skipping store sizes [100000]" in res.output
+    assert "Each enhancer mechanism by store size" in bench.with_suffix(".md").read_text()
 
 
 def test_errors_are_clean(tmp_path):

@@ -205,9 +205,11 @@ def store_latency(
             out[name] = _latency_row(timings[name], len(qb), time.perf_counter() - t0, docs.shape[1])
         mem.set_enhancer(None)
         approx = mem.search_batch(qb, k)[1]
+    stored_bytes = mem.footprint()["bytes_per_vector"]  # index + SQLite, measured
     exact = exact_search(docs, qb, k)[1]
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx.tolist(), exact.tolist())])
     for row in out.values():
+        row["bytes_per_vector"] = stored_bytes
         row["recall_vs_exact"] = float(overlap)
     return out
 
@@ -215,3 +217,37 @@ def store_latency(
 def bench_info() -> dict[str, Any]:
     """Machine description for a result file."""
     return machine_info()
+
+
+def mechanism_latency(
+    docs: np.ndarray,
+    queries: np.ndarray,
+    *,
+    sizes: Sequence[int] = (1000, 10000, 100000),
+    mechanisms: Sequence[str] = ("multi-head", "hyperbolic", "moe"),
+    index: str = "hnsw",
+    single: int = 100,
+    batch: int = 500,
+    k: int = 10,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Per-query latency of each enhancer mechanism through VectorMemory at each store size.
+
+    One row per (size, method): the first ``size`` documents in one store, plain search
+    ("none") and each mechanism's two-pass search, interleaved; ``bytes_per_vector`` is the
+    store's measured footprint (index + SQLite) per vector. The enhancers are seeded,
+    untrained instances: a forward costs the same whatever its weights hold, and quality is
+    measured separately (``headwise memory eval``).
+    """
+    from headwise.memory.enhancer import QueryEnhancer
+
+    torch.manual_seed(seed)
+    dim = docs.shape[1]
+    enhancers = {"none": None, **{m: QueryEnhancer(dim, mechanism=m).eval() for m in mechanisms}}
+    rows = []
+    for n in sizes:
+        if n > len(docs):
+            raise bad_argument("sizes", f"store sizes <= {len(docs)} documents", n)
+        t = store_latency(docs[:n], queries, enhancers, index=index, single=single, batch=batch, k=k)
+        rows += [{"stored": n, "method": name, **r} for name, r in t.items()]
+    return rows

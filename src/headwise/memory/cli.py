@@ -326,9 +326,22 @@ def bench(
     batch: Annotated[int, typer.Option(help="queries in the batched call")] = 1000,
     sizes: Annotated[str, typer.Option(help="memory sizes for flash vs top-K ('' to skip)")] = "10000,100000,1000000",
     ef_search: Annotated[int, typer.Option()] = 64,
+    mechanism_sizes: Annotated[
+        str, typer.Option(help="store sizes for the per-mechanism latency (untrained enhancers; '' to skip)")
+    ] = "1000,10000,100000",
+    mechanisms: Annotated[str, typer.Option(help="enhancer mechanisms timed at each store size")] = (
+        "multi-head,hyperbolic,moe"
+    ),
 ) -> None:
     """Latency and throughput through VectorMemory (flat and HNSW), and flash vs top-K at 10k-1M vectors."""
-    from headwise.bench.memory import bench_info, flash_table, flash_vs_topk, latency_table, store_latency
+    from headwise.bench.memory import (
+        bench_info,
+        flash_table,
+        flash_vs_topk,
+        latency_table,
+        mechanism_latency,
+        store_latency,
+    )
     from headwise.memory.enhancer import QueryEnhancer, load_enhancer
 
     try:
@@ -353,6 +366,15 @@ def bench(
             rows = flash_vs_topk(docs, tq, sub.relevant, enhancers["multi-head"], flash, sizes=size_list)
         result["flash_vs_topk"] = {"trained_flash": flash_dir.is_dir(), "rows": rows}
         console.print(flash_table(rows))
+    mech_sizes = [int(x) for x in mechanism_sizes.split(",") if x.strip()]
+    too_big = [n for n in mech_sizes if n > len(docs)]
+    if too_big:
+        console.print(f"per-mechanism latency: skipping store sizes {too_big} (the corpus has {len(docs):,} documents)")
+    mech_sizes = [n for n in mech_sizes if n <= len(docs)]
+    if mech_sizes:
+        mechs = [m.strip() for m in mechanisms.split(",") if m.strip()]
+        with console.status("per-mechanism latency"):
+            result["mechanisms"] = mechanism_latency(docs, tq, sizes=mech_sizes, mechanisms=mechs, single=queries)
     if out is not None:
         lines = [f"## Vector memory latency ({manifest['name']}, {len(docs):,} vectors)", ""]
         for kind, t in result["latency"].items():
@@ -373,6 +395,16 @@ def bench(
                     f"| {r['memory']:,} | {r['queries']} | {r['knn recall@10']:.3f} | {r['top-K recall@10']:.3f} | "
                     f"{r['flash recall@10']:.3f} | {r['knn ms/query']:.3f} | {r['top-K ms/query']:.3f} | "
                     f"{r['flash ms/query']:.3f} |"
+                )
+            lines.append("")
+        if "mechanisms" in result:
+            lines += ["### Each enhancer mechanism by store size (HNSW, untrained enhancers: latency only)", "",
+                      "| stored vectors | method | p50 µs | p95 µs | single q/s | batched q/s | bytes/vector |",
+                      "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for r in result["mechanisms"]:
+                lines.append(
+                    f"| {r['stored']:,} | {r['method']} | {r['p50_us']:.0f} | {r['p95_us']:.0f} "
+                    f"| {r['single_qps']:.0f} | {r['batch_qps']:.0f} | {r['bytes_per_vector']:.0f} |"
                 )
             lines.append("")
         lines += [f"Command: `{result['command']}`", ""]
