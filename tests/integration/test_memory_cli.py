@@ -58,7 +58,7 @@ def test_train_eval_search(workdir, tmp_path):
     assert "knn" in res.output and "multi-head" in res.output
     bench = tmp_path / "memory_bench"
     res = invoke("bench", "--dir", str(workdir), "--queries", "3", "--batch", "20", "--sizes", "200,800",
-                 "--mechanism-sizes", "100,100000", "--mechanisms", "multi-head", "--out", str(bench))  # fmt: skip
+                 "--size", "100,100000", "--mechanism", "multi-head", "--out", str(bench))  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads(bench.with_suffix(".json").read_text())
     assert set(data["latency"]) == {"flat", "hnsw"}

@@ -327,11 +327,14 @@ def bench(
     sizes: Annotated[str, typer.Option(help="memory sizes for flash vs top-K ('' to skip)")] = "10000,100000,1000000",
     ef_search: Annotated[int, typer.Option()] = 64,
     mechanism_sizes: Annotated[
-        str, typer.Option(help="store sizes for the per-mechanism latency (untrained enhancers; '' to skip)")
+        str,
+        typer.Option(
+            "--mechanism-sizes", "--size", help="store sizes for the per-mechanism latency (untrained; '' to skip)"
+        ),
     ] = "1000,10000,100000",
-    mechanisms: Annotated[str, typer.Option(help="enhancer mechanisms timed at each store size")] = (
-        "multi-head,hyperbolic,moe"
-    ),
+    mechanisms: Annotated[
+        str, typer.Option("--mechanisms", "--mechanism", help="enhancer mechanisms timed at each store size")
+    ] = "multi-head,hyperbolic,moe",
 ) -> None:
     """Latency and throughput through VectorMemory (flat and HNSW), and flash vs top-K at 10k-1M vectors."""
     from headwise.bench.memory import (
