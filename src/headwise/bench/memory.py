@@ -251,3 +251,14 @@ def mechanism_latency(
         t = store_latency(docs[:n], queries, enhancers, index=index, single=single, batch=batch, k=k)
         rows += [{"stored": n, "method": name, **r} for name, r in t.items()]
     return rows
+
+
+def markdown_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a Markdown section: ``### title``, the table, a blank line.
+
+    >>> markdown_table("t", ["a", "b"], [["1", "2"]])
+    ['### t', '', '| a | b |', '|---|---|', '| 1 | 2 |', '']
+    """
+    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]

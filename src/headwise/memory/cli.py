@@ -342,6 +342,7 @@ def bench(
         flash_table,
         flash_vs_topk,
         latency_table,
+        markdown_table,
         mechanism_latency,
         store_latency,
     )
@@ -381,35 +382,39 @@ def bench(
     if out is not None:
         lines = [f"## Vector memory latency ({manifest['name']}, {len(docs):,} vectors)", ""]
         for kind, t in result["latency"].items():
-            lines += [f"### VectorMemory {kind}", "", "| method | p50 µs | p95 µs | single q/s | batched q/s | "
-                      "bytes/vector | index recall@10 vs exact |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-            for n, r in t.items():
-                lines.append(
-                    f"| {n} | {r['p50_us']:.0f} | {r['p95_us']:.0f} | {r['single_qps']:.0f} | {r['batch_qps']:.0f} "
-                    f"| {r['bytes_per_vector']:.0f} | {r['recall_vs_exact']:.3f} |"
-                )
-            lines.append("")
+            cols = [
+                "method",
+                "p50 µs",
+                "p95 µs",
+                "single q/s",
+                "batched q/s",
+                "bytes/vector",
+                "index recall@10 vs exact",
+            ]
+            cells = [
+                [n, f"{r['p50_us']:.0f}", f"{r['p95_us']:.0f}", f"{r['single_qps']:.0f}", f"{r['batch_qps']:.0f}",
+                 f"{r['bytes_per_vector']:.0f}", f"{r['recall_vs_exact']:.3f}"]
+                for n, r in t.items()
+            ]  # fmt: skip
+            lines += markdown_table(f"VectorMemory {kind}", cols, cells)
         if "flash_vs_topk" in result:
-            lines += ["### flash (whole memory, tiled attend) vs top-K route", "",
-                      "| memory | queries | knn R@10 | top-K R@10 | flash R@10 | knn ms/q | top-K ms/q | flash ms/q |",
-                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for r in result["flash_vs_topk"]["rows"]:
-                lines.append(
-                    f"| {r['memory']:,} | {r['queries']} | {r['knn recall@10']:.3f} | {r['top-K recall@10']:.3f} | "
-                    f"{r['flash recall@10']:.3f} | {r['knn ms/query']:.3f} | {r['top-K ms/query']:.3f} | "
-                    f"{r['flash ms/query']:.3f} |"
-                )
-            lines.append("")
+            cols = ["memory", "queries", "knn R@10", "top-K R@10", "flash R@10", "knn ms/q", "top-K ms/q", "flash ms/q"]
+            cells = [
+                [f"{r['memory']:,}", str(r["queries"]), f"{r['knn recall@10']:.3f}", f"{r['top-K recall@10']:.3f}",
+                 f"{r['flash recall@10']:.3f}", f"{r['knn ms/query']:.3f}", f"{r['top-K ms/query']:.3f}",
+                 f"{r['flash ms/query']:.3f}"]
+                for r in result["flash_vs_topk"]["rows"]
+            ]  # fmt: skip
+            lines += markdown_table("flash (whole memory, tiled attend) vs top-K route", cols, cells)
         if "mechanisms" in result:
-            lines += ["### Each enhancer mechanism by store size (HNSW, untrained enhancers: latency only)", "",
-                      "| stored vectors | method | p50 µs | p95 µs | single q/s | batched q/s | bytes/vector |",
-                      "|---|---|---|---|---|---|---|"]  # fmt: skip
-            for r in result["mechanisms"]:
-                lines.append(
-                    f"| {r['stored']:,} | {r['method']} | {r['p50_us']:.0f} | {r['p95_us']:.0f} "
-                    f"| {r['single_qps']:.0f} | {r['batch_qps']:.0f} | {r['bytes_per_vector']:.0f} |"
-                )
-            lines.append("")
+            cols = ["stored vectors", "method", "p50 µs", "p95 µs", "single q/s", "batched q/s", "bytes/vector"]
+            cells = [
+                [f"{r['stored']:,}", r["method"], f"{r['p50_us']:.0f}", f"{r['p95_us']:.0f}", f"{r['single_qps']:.0f}",
+                 f"{r['batch_qps']:.0f}", f"{r['bytes_per_vector']:.0f}"]
+                for r in result["mechanisms"]
+            ]  # fmt: skip
+            title = "Each enhancer mechanism by store size (HNSW, untrained enhancers: latency only)"
+            lines += markdown_table(title, cols, cells)
         lines += [f"Command: `{result['command']}`", ""]
         write_atomic(out.with_suffix(".md"), "\n".join(lines))
         write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2, default=str))
