@@ -24,6 +24,7 @@ from torch import Tensor
 
 from headwise import attend
 from headwise.attend import make_request
+from headwise.kernels import tiled as tiled_kernel
 from headwise.kernels.tiled import tiled_attention
 
 # Absolute floors of the oracle rule, per test dtype.
@@ -122,11 +123,17 @@ def run_attend(
             # "tiled:16x8": the tiled kernel with explicit (small) blocks, so that small
             # problems still cross block boundaries (the planner would pick one 64+ block).
             # "tiled:16x8x24": the same blocks merged into forward tiles of up to 24 keys.
-            block_q, block_k, *span = (int(n) for n in backend.removeprefix("tiled:").split("x"))
+            # "tiled:16x8-online": every query block on the running-maximum path, which
+            # moderate inputs otherwise skip (their logits are bounded, so they need no shift at all).
+            spec, online = backend.removeprefix("tiled:").removesuffix("-online"), backend.endswith("-online")
+            block_q, block_k, *span = (int(n) for n in spec.split("x"))
             req = make_request(
                 leaves["q"], leaves["k"], leaves["v"], mask, score, None, 0.0, False, need_stats, **kwargs
             )
-            res = tiled_attention(req, block_q, block_k, span[0] if span else None)
+            with pytest.MonkeyPatch.context() as patch:
+                if online:
+                    patch.setattr(tiled_kernel, "_BOUNDED_LOGIT_LIMIT", {})
+                res = tiled_attention(req, block_q, block_k, span[0] if span else None)
         else:
             res = attend(
                 leaves["q"],

@@ -35,10 +35,15 @@ from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Mask
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
 from headwise.scores import Score
 
-# Seconds per flop of a tile and per visited block, fitted to measurements of this kernel
-# next to SDPA and FlexAttention on the 2-core reference machine; only ratios matter.
-_SECONDS_PER_FLOP = 1 / 90e9
-_SECONDS_PER_BLOCK = 6e-4
+# Seconds per flop of a tile, per visited block and per call, fitted to measurements of
+# this kernel next to SDPA and FlexAttention on the 2-core reference machine (dense, causal
+# and windows of 128 and 512, L = 512 .. 16384); only ratios matter. Scores and statistics
+# cost extra passes (scores also take the online-max path), counted as factors.
+_SECONDS_PER_FLOP = 1 / 120e9
+_SECONDS_PER_BLOCK = 5e-4
+_SECONDS_PER_CALL = 5e-4
+_SCORE_FACTOR = 1.3
+_STATS_FACTOR = 1.3
 _BLOCK_CHOICES = (256, 128, 64)
 # exp(x) stays a normal float (fast path) down to about these arguments.
 _EXP_FLOOR = {torch.float32: -87.0, torch.float64: -700.0}
@@ -60,6 +65,8 @@ class TiledPlan:
     score: Score | None
     scale: float
     spans: list[list[Span]] = dataclasses.field(default_factory=list)  # forward tiles per query block
+    # Element masks of partial tiles, evaluated once per plan (see _Blocks.keep).
+    keeps: dict = dataclasses.field(default_factory=dict)
 
     @property
     def G(self) -> int:
@@ -102,11 +109,16 @@ def merge_spans(visits: list[tuple[int, bool]], block_k: int, S: int, max_keys: 
     return spans
 
 
-def _with_spans(plan: TiledPlan, span_keys: int | None) -> TiledPlan:
-    """Set the forward tiles: at most ``span_keys`` keys each (default: from _SPAN_BYTES)."""
+def _with_spans(plan: TiledPlan, span_keys: int | None, need_stats: bool) -> TiledPlan:
+    """Set the forward tiles: at most ``span_keys`` keys each (default: from _SPAN_BYTES).
+
+    With statistics a tile keeps two buffers (logits and probabilities), so it gets half
+    the keys: the pair then takes the same room in the cache.
+    """
     if span_keys is None:
         rows = plan.B * plan.Hq * plan.block_q  # logits rows of a full query block, all heads
-        span_keys = _SPAN_BYTES // (4 * rows) // plan.block_k * plan.block_k
+        span_bytes = _SPAN_BYTES // 2 if need_stats else _SPAN_BYTES
+        span_keys = span_bytes // (4 * rows) // plan.block_k * plan.block_k
     plan.spans = [merge_spans(v, plan.block_k, plan.S, max(plan.block_k, span_keys)) for v in plan.visits]
     return plan
 
@@ -126,12 +138,12 @@ def make_plan(
     if span_keys is None and (block_q is not None or block_k is not None):
         span_keys = 0  # explicit blocks: every key block is its own tile
     mask_key = req.mask.cache_key() if req.mask is not None else ("none",)
-    key = (mask_key, B, Hq, Hkv, L, S, E, Ev, block_q, block_k, span_keys, str(req.q.device))
+    key = (mask_key, B, Hq, Hkv, L, S, E, Ev, block_q, block_k, span_keys, req.need_stats, str(req.q.device))
     key = None if mask_key is None else key
     hit = _PLANS.get(key)
     if hit is not None:
-        bq, bk, visits, spans = hit
-        return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale, spans)
+        bq, bk, visits, spans, keeps = hit
+        return TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale, spans, keeps)
     if block_q is not None or block_k is not None:
         choices = [(block_q or 256, block_k or block_q or 256)]
     elif req.mask is None:
@@ -139,17 +151,16 @@ def make_plan(
     else:
         choices = [(b, b) for b in _BLOCK_CHOICES]
     plan = min((_plan_for(req, bq, bk, span_keys) for bq, bk in choices), key=lambda p: _plan_seconds(req, p))
-    _PLANS.put(key, (plan.block_q, plan.block_k, plan.visits, plan.spans), req.mask)
+    _PLANS.put(key, (plan.block_q, plan.block_k, plan.visits, plan.spans, plan.keeps), req.mask)
     return plan
 
 
 def _plan_seconds(req: Request, plan: TiledPlan) -> float:
     """Estimated forward time of a plan: visited blocks x (block flops + a fixed cost per block).
 
-    Counted per visited block, not per merged tile: merging saves rescalings and dispatches
-    but each partial block still costs its mask, and the benchmark (window 128, L = 1024 ..
-    16384) showed merged tiles only ~8% faster, so a per-tile count made auto prefer tiled
-    where compiled FlexAttention is faster.
+    Counted per visited block, not per merged tile: merging saves dispatches but each
+    partial block still costs its mask, and the benchmark (window 128, L = 1024 .. 16384)
+    showed merged tiles only ~8% faster than unmerged ones.
     """
     B, Hq, _, _, _, E, Ev = req.shape
     per_block = 2.0 * B * Hq * plan.block_q * plan.block_k * (E + Ev) * _SECONDS_PER_FLOP + _SECONDS_PER_BLOCK
@@ -165,15 +176,26 @@ def _plan_for(req: Request, bq: int, bk: int, span_keys: int | None) -> TiledPla
         # Head index matters only for per-head masks; evaluating all Hq heads keeps it exact.
         kinds = classify_blocks(req.mask, B, Hq, L, S, bq, bk, req.q.device).tolist()
         visits = [[(j, kind != FULL) for j, kind in enumerate(row) if kind != EMPTY] for row in kinds]
-    return _with_spans(TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale), span_keys)
+    plan = TiledPlan(B, Hq, Hkv, L, S, bq, bk, visits, req.mask, req.score, req.scale)
+    return _with_spans(plan, span_keys, req.need_stats)
 
 
 def estimate_seconds(req: Request) -> float:
-    return _plan_seconds(req, make_plan(req)) * (3.5 if req.needs_grad else 1.0)
+    t = _SECONDS_PER_CALL + _plan_seconds(req, make_plan(req))
+    t *= (_SCORE_FACTOR if req.score is not None else 1.0) * (_STATS_FACTOR if req.need_stats else 1.0)
+    return t * (3.5 if req.needs_grad else 1.0)
+
+
+# Element masks of partial tiles cached on a plan stay below this many bytes in all.
+_KEEP_CACHE_BYTES = 64 << 20
+# A query block whose logits are provably within +-limit takes exp(s) with no shift (see
+# _bounded_blocks): e^30 leaves room for sums of 1e24 terms in float32, and e^-30 is still
+# a normal float with full relative precision (float64: e^+-300).
+_BOUNDED_LOGIT_LIMIT = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 class _Blocks:
-    """Index tensors and block logits for one plan (shared by forward and backward)."""
+    """Index tensors, cached element masks and block logits for one plan (forward and backward)."""
 
     def __init__(self, plan: TiledPlan, device: torch.device):
         self.plan = plan
@@ -181,6 +203,31 @@ class _Blocks:
         self.b = torch.arange(B, device=device).view(B, 1, 1, 1, 1)
         self.h = torch.arange(plan.Hq, device=device).view(1, Hkv, G, 1, 1)
         self.device = device
+
+    def keep(self, qs: int, n: int, ks: int, m: int, dtype: torch.dtype, as_bias: bool) -> Tensor:
+        """The mask of queries qs..qs+n x keys ks..ks+m, broadcastable 5-d, cached on the plan.
+
+        ``as_bias``: 0 where allowed and -inf where masked (added to logits); otherwise 1/0
+        (multiplied into probabilities). The plan cache keeps a window's or a causal mask's
+        diagonal tiles from being re-evaluated on every call.
+        """
+        p = self.plan
+        key = (qs, n, ks, m, dtype, as_bias)
+        hit = p.keeps.get(key)
+        if hit is not None:
+            return hit
+        qi = torch.arange(qs, qs + n, device=self.device).view(1, 1, 1, n, 1)
+        ki = torch.arange(ks, ks + m, device=self.device).view(1, 1, 1, 1, m)
+        allowed = p.mask.evaluate(self.b, self.h, qi, ki, p.L, p.S)
+        if as_bias:
+            # Adding a small broadcast bias is ~4x faster than a broadcast masked_fill.
+            keep = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+        else:
+            keep = allowed.to(dtype)
+        used = p.keeps.get("bytes", 0) + keep.numel() * keep.element_size()
+        if used <= _KEEP_CACHE_BYTES:
+            p.keeps[key], p.keeps["bytes"] = keep, used
+        return keep
 
     def logits(
         self,
@@ -191,12 +238,15 @@ class _Blocks:
         partial: tuple[tuple[int, int], ...],
         inplace: bool = False,
         out: Tensor | None = None,
+        mask_with_inf: bool = True,
     ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
         """Logits of one tile, (B, Hkv, G*n, m), with score modifications and mask.
 
         ``partial`` lists the key ranges (offsets into the tile) that need the element
         mask; the rest of the tile is fully allowed. Returns the logits and, per partial
         range, ``(start, end, keep)`` with keep the broadcastable 5-d 0/1 float mask.
+        ``mask_with_inf=False`` leaves masked logits as they are: the caller zeroes their
+        probabilities with ``keep`` (the fixed-shift forward, which takes no row maximum).
 
         Without a score, ``qb`` must already be multiplied by the scale (done once per
         call instead of once per tile); ``out`` is an optional buffer for the matmul.
@@ -211,21 +261,27 @@ class _Blocks:
         if p.score is None and not partial:
             return s, []
         s5 = s.view(B, Hkv, G, n, m)
-        qi = torch.arange(qs, qs + n, device=self.device).view(1, 1, 1, n, 1)
         if p.score is not None:
+            qi = torch.arange(qs, qs + n, device=self.device).view(1, 1, 1, n, 1)
             ki = torch.arange(ks, ks + m, device=self.device).view(1, 1, 1, 1, m)
             s5 = p.score.modify(s5, self.b, self.h, qi + (p.S - p.L), ki).expand(B, Hkv, G, n, m)
         keeps = []
         for a, b in partial:
-            ki = torch.arange(ks + a, ks + b, device=self.device).view(1, 1, 1, 1, b - a)
-            allowed = p.mask.evaluate(self.b, self.h, qi, ki, p.L, p.S)
-            # Adding a small broadcast bias is ~4x faster than a broadcast masked_fill.
-            bias = torch.zeros(allowed.shape, dtype=s5.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-            if not inplace:  # under autograd (the generic backward): never write into the graph's tensors
-                s5, inplace = s5.clone(), True
-            s5[..., a:b].add_(bias)
-            keeps.append((a, b, allowed.to(s5.dtype)))
+            if mask_with_inf:
+                if not inplace:  # under autograd (the generic backward): never write into the graph's tensors
+                    s5, inplace = s5.clone(), True
+                s5[..., a:b].add_(self.keep(qs, n, ks + a, b - a, s5.dtype, as_bias=True))
+            keeps.append((a, b, self.keep(qs, n, ks + a, b - a, s5.dtype, as_bias=False)))
         return s5.reshape(B, Hkv, G * n, m), keeps
+
+    def apply_keeps(self, p: Tensor, keeps: list[tuple[int, int, Tensor]]) -> Tensor:
+        """Zero the masked entries of probabilities ``p`` (B*Hkv or B, Hkv, G*n, m) in place."""
+        if keeps:
+            B, Hkv, G = self.plan.B, self.plan.Hkv, self.plan.G
+            p5 = p.view(B, Hkv, G, -1, p.shape[-1])
+            for a, b, keep in keeps:
+                p5[..., a:b].mul_(keep)
+        return p
 
     def probabilities(self, t: Tensor, keeps: list[tuple[int, int, Tensor]], out: Tensor | None = None) -> Tensor:
         """exp(t) for t = logits - row shift (t <= 0), with masked entries exactly 0.
@@ -237,12 +293,7 @@ class _Blocks:
         """
         t.clamp_(min=_EXP_FLOOR.get(t.dtype, -87.0))
         p = torch.exp(t, out=out) if out is not None and out.shape == t.shape else torch.exp(t)
-        if keeps:
-            B, Hkv, G = self.plan.B, self.plan.Hkv, self.plan.G
-            p5 = p.view(B, Hkv, G, -1, p.shape[-1])
-            for a, b, keep in keeps:
-                p5[..., a:b].mul_(keep)
-        return p
+        return self.apply_keeps(p, keeps)
 
 
 def _scaled_queries(plan: TiledPlan, q: Tensor) -> Tensor:
@@ -250,17 +301,41 @@ def _scaled_queries(plan: TiledPlan, q: Tensor) -> Tensor:
     return q * plan.scale if plan.score is None else q
 
 
+def _bounded_blocks(plan: TiledPlan, q5: Tensor, k: Tensor) -> list[bool]:
+    """Which query blocks have every logit within +-_BOUNDED_LOGIT_LIMIT, by Cauchy-Schwarz.
+
+    |s_ij| <= |q_i| max_j |k_j| (q already scaled). Where that bound stays under the limit
+    for a whole query block, p = exp(s) needs no row shift at all: no max pass, no
+    subtraction, no clamp, no rescaling between tiles, and masked logits are simply zeroed
+    after the exp. Inputs of large norm (and NaN/Inf, whose bound is not finite) take the
+    online-max path; so do scores, which change the logits after the dot product.
+    """
+    nq = -(-plan.L // plan.block_q)
+    limit = _BOUNDED_LOGIT_LIMIT.get(q5.dtype)
+    if plan.score is not None or limit is None or k.shape[2] == 0 or q5.numel() == 0:
+        return [False] * nq
+    bounds = torch.linalg.vector_norm(q5, dim=-1) * torch.linalg.vector_norm(k, dim=-1).amax(dim=-1)[:, :, None, None]
+    bq = plan.block_q
+    maxima = torch.stack([bounds[..., i * bq : (i + 1) * bq].amax() for i in range(nq)])
+    return (maxima <= limit).tolist()
+
+
 def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats: bool):
+    """Forward over the plan's tiles. Returns out (B, Hq, L, Ev), lse (B, Hq, L), entropy, max weight.
+
+    Each query block runs one of two exact schemes: no shift at all when its logits are
+    provably moderate (see _bounded_blocks), else a running row maximum.
+    """
     B, Hq, Hkv, L, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.G
     E, Ev = q.shape[-1], v.shape[-1]
     blocks = _Blocks(plan, q.device)
     q5 = _scaled_queries(plan, q).view(B, Hkv, G, L, E)
     v3 = v.view(B * Hkv, -1, Ev)
+    bounded = _bounded_blocks(plan, q5, k)
     out = q.new_zeros(B, Hkv, G, L, Ev)
     lse = q.new_full((B, Hkv, G, L), float("-inf"))
     entropy = q.new_zeros(B, Hkv, G, L) if need_stats else None
     max_w = q.new_zeros(B, Hkv, G, L) if need_stats else None
-    neg_inf = float("-inf")
     # Flat buffers for the widest tile; a tile views a prefix, so it stays contiguous.
     widest = max((ke - ks for spans in plan.spans for ks, ke, _ in spans), default=0)
     flat = q.new_empty(B * Hkv * G * plan.block_q * widest)
@@ -270,50 +345,105 @@ def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats:
             continue
         qs = iq * plan.block_q
         n = min(plan.block_q, L - qs)
-        R = G * n
-        qb = q5[:, :, :, qs : qs + n].reshape(B, Hkv, R, E)
-        m_run = l_run = acc = ps = None
-        for ks, ke, partial in spans:
-            width = ke - ks
-            buf = flat[: B * Hkv * R * width].view(B, Hkv, R, width)
-            s, keeps = blocks.logits(qb, k[:, :, ks:ke], qs, ks, partial, inplace=True, out=buf)
-            s = s.view(B * Hkv, R, width)
-            m_tile = s.amax(dim=-1, keepdim=True)
-            m_new = m_tile if m_run is None else torch.maximum(m_run, m_tile)
-            # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead.
-            m_safe = torch.where(m_new == neg_inf, 0.0, m_new)
-            t = s.sub_(m_safe)
-            if not need_stats:
-                p = blocks.probabilities(t, keeps, out=t)
-            else:
-                # sum p (s - m) = sum p t needs t after the exp: exp into a second buffer and
-                # take a row dot product (a log, as in p log p, costs 10x more). Rescaled to
-                # the new max like the output. Elementwise, so no cancellation.
-                p = blocks.probabilities(t, keeps, out=pflat[: t.numel()].view(t.shape))
-                pt = torch.linalg.vecdot(p, t).unsqueeze(-1)
-            row_sum = p.sum(dim=-1, keepdim=True)
-            pv = torch.bmm(p, v3[:, ks:ke])
-            if m_run is None:  # first tile of the row block: nothing to rescale
-                l_run, acc = row_sum, pv
-                ps = pt if need_stats else None
-            else:
-                alpha = torch.exp(m_run - m_safe)
-                if need_stats:
-                    shift = torch.where(l_run > 0, (m_run - m_safe) * l_run, 0.0)
-                    ps.add_(shift).mul_(alpha).add_(pt)
-                l_run.mul_(alpha).add_(row_sum)
-                acc.mul_(alpha).add_(pv)
-            m_run = m_new
+        tiles = _Tiles(blocks, q5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, E), k, v3, qs, flat, pflat)
+        if bounded[iq]:
+            m, l_run, acc, ps, top = _bounded_rows(tiles, spans, need_stats)
+        else:
+            m, l_run, acc, ps, top = _online_rows(tiles, spans, need_stats)
         has = l_run != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
         l_safe = torch.where(has, l_run, 1.0)
         rows = (slice(None), slice(None), slice(None), slice(qs, qs + n))
         out[rows] = (acc / l_safe).view(B, Hkv, G, n, Ev)
-        lse[rows] = torch.where(has, m_run + torch.log(l_safe), neg_inf).view(B, Hkv, G, n)
+        lse[rows] = torch.where(has, m + torch.log(l_safe), float("-inf")).view(B, Hkv, G, n)
         if need_stats:
             ent = torch.log(l_safe) - ps / l_safe
             entropy[rows] = torch.where(has, ent.clamp_min(0.0), 0.0).view(B, Hkv, G, n)
-            max_w[rows] = torch.where(has, 1.0 / l_safe, 0.0).view(B, Hkv, G, n)
+            max_w[rows] = torch.where(has, top / l_safe, 0.0).view(B, Hkv, G, n)
     return out.view(B, Hq, L, Ev), lse.view(B, Hq, L), entropy, max_w
+
+
+@dataclass
+class _Tiles:
+    """One query block's view of the inputs and the scratch buffers its tiles fill."""
+
+    blocks: _Blocks
+    qb: Tensor  # (B, Hkv, G*n, E), scaled
+    k: Tensor  # (B, Hkv, S, E)
+    v3: Tensor  # (B*Hkv, S, Ev)
+    qs: int
+    flat: Tensor
+    pflat: Tensor | None
+
+    def logits(self, ks: int, ke: int, partial, mask_with_inf: bool) -> tuple[Tensor, list]:
+        """(B*Hkv, G*n, ke-ks) logits written into the scratch buffer, and the tile's keeps."""
+        B, Hkv, R = self.qb.shape[:3]
+        buf = self.flat[: B * Hkv * R * (ke - ks)].view(B, Hkv, R, ke - ks)
+        s, keeps = self.blocks.logits(
+            self.qb, self.k[:, :, ks:ke], self.qs, ks, partial, inplace=True, out=buf, mask_with_inf=mask_with_inf
+        )
+        return s.view(B * Hkv, R, ke - ks), keeps
+
+    def exp_target(self, t: Tensor, keep_t: bool) -> Tensor:
+        """Where exp(t) goes: t itself, or the second buffer when the caller still needs t."""
+        return self.pflat[: t.numel()].view(t.shape) if keep_t else t
+
+
+def _row_dot(p: Tensor, t: Tensor) -> Tensor:
+    """sum_j p_j t_j per row, (..., 1); overwrites t (vecdot would allocate a tile each call)."""
+    return t.mul_(p).sum(dim=-1, keepdim=True)
+
+
+def _bounded_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
+    """One query block with p = exp(s) (see _bounded_blocks): no shift, nothing to rescale.
+
+    Returns the shift 0, l = sum p, acc = sum p v, sum p s and max p (the last two: stats).
+    """
+    l_run = acc = ps = top = None
+    for ks, ke, partial in spans:
+        s, keeps = tiles.logits(ks, ke, partial, mask_with_inf=False)
+        p = tiles.blocks.apply_keeps(torch.exp(s, out=tiles.exp_target(s, need_stats)), keeps)
+        # p @ v first, while p is still in the cache the exp just wrote it to.
+        if l_run is None:
+            acc, l_run = torch.bmm(p, tiles.v3[:, ks:ke]), p.sum(dim=-1, keepdim=True)
+        else:
+            acc.baddbmm_(p, tiles.v3[:, ks:ke])
+            l_run.add_(p.sum(dim=-1, keepdim=True))
+        if need_stats:  # masked entries have p = 0 and a finite s: they add nothing
+            ps_tile, p_max = _row_dot(p, s), p.amax(dim=-1, keepdim=True)
+            ps, top = (ps_tile, p_max) if ps is None else (ps.add_(ps_tile), torch.maximum(top, p_max, out=top))
+    return 0.0, l_run, acc, ps, top
+
+
+def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
+    """One query block with a running row maximum m, rescaling l and acc when it grows.
+
+    Returns m, l = sum exp(s - m), acc, sum p (s - m) and the largest p, which is 1.
+    """
+    neg_inf = float("-inf")
+    m_run = l_run = acc = ps = None
+    for ks, ke, partial in spans:
+        s, keeps = tiles.logits(ks, ke, partial, mask_with_inf=True)
+        m_tile = s.amax(dim=-1, keepdim=True)
+        m_new = m_tile if m_run is None else torch.maximum(m_run, m_tile)
+        # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead.
+        m_safe = torch.where(m_new == neg_inf, 0.0, m_new) if partial else m_new
+        t = s.sub_(m_safe)
+        # Stats: sum p (s - m) = sum p t needs t after the exp: a row dot product (a log,
+        # as in p log p, costs 10x more), rescaled to the new max like the output.
+        # Elementwise, so no cancellation.
+        p = tiles.blocks.probabilities(t, keeps, out=tiles.exp_target(t, need_stats))
+        if m_run is None:  # first tile of the row block: nothing to rescale
+            acc, l_run = torch.bmm(p, tiles.v3[:, ks:ke]), p.sum(dim=-1, keepdim=True)
+            ps = _row_dot(p, t) if need_stats else None
+        else:
+            alpha = torch.exp(m_run - m_safe)
+            acc.mul_(alpha).baddbmm_(p, tiles.v3[:, ks:ke])  # p @ v while p is in the cache
+            if need_stats:
+                shift = torch.where(l_run > 0, (m_run - m_safe) * l_run, 0.0)
+                ps.add_(shift).mul_(alpha).add_(_row_dot(p, t))
+            l_run.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+        m_run = m_new
+    return m_run, l_run, acc, ps, torch.ones_like(l_run)
 
 
 def _tiled_backward(plan, q, k, v, out, lse, dout, params):
