@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from headwise import HeadwiseError
 from headwise.bench.compare import compare, load_records, record_key, to_markdown
 from headwise.bench.components import run_components
-from headwise.bench.harness import Timing
+from headwise.bench.harness import Timing, paired_ratio, time_interleaved
 from headwise.bench.modules import run_modules
+from headwise.bench.report import goals
 from headwise.cli import app
 from headwise.profiling import scope
 
@@ -101,3 +102,35 @@ def test_component_breakdown_covers_the_forward():
     assert sum(r["pct"] for r in eager.values()) == pytest.approx(100.0, abs=1e-6)
     auto = [r for r in rows if r["backend"] == "auto"]
     assert any(r["component"] == "attention core (fused)" and r["ms"] > 0 for r in auto)
+
+
+def test_paired_ratio_is_the_median_of_round_ratios_and_cancels_drift():
+    # The machine slows down 10x in round 3: the ratio of medians is 2 x 5/2.5 off, the paired one is exact.
+    fast = [1.0, 1.0, 10.0, 10.0, 10.0]
+    slow = [2.0, 2.0, 20.0, 20.0, 20.0]
+    assert paired_ratio(slow, fast) == 2.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_time_interleaved_runs_extra_rounds_for_fast_functions():
+    calls = {"a": 0, "b": 0}
+    fns = {n: (lambda n=n: calls.__setitem__(n, calls[n] + 1)) for n in calls}
+    t = time_interleaved(fns, repeat=3, warmup=1, min_seconds=10.0, max_rounds=7)
+    assert len(t["a"].times) == len(t["b"].times) == 7  # capped by max_rounds, rounds paired
+    assert calls == {"a": 8, "b": 8}
+    assert len(time_interleaved(fns, repeat=3)["a"].times) == 3
+
+
+def test_kernel_goals_use_paired_ratios():
+    rec = [
+        {"variant": "dense", "L": 4096, "backward": False, "impl": i, "median_ms": m, "times_ms": t}
+        for i, m, t in [
+            ("headwise tiled", 20.0, [10.0, 20.0, 40.0]),
+            ("torch SDPA", 10.0, [8.0, 10.0, 20.0]),
+            ("headwise auto", 10.0, [8.0, 10.0, 20.0]),
+        ]
+    ]
+    found = {g: (e, ok) for g, e, ok in goals({"records": rec, "seqs": [4096], "memory": []})}
+    assert found["tiled dense L=4096 within 1.5x of SDPA"] == ("2.00x", False)
+    assert found["auto <= 1.05x the fastest competitor, every case"][1] is True

@@ -81,22 +81,43 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1, device: str = "cpu"
+    fns: dict[str, Callable[[], object]],
+    repeat: int,
+    warmup: int = 1,
+    device: str = "cpu",
+    min_seconds: float = 0.0,
+    max_rounds: int | None = None,
 ) -> dict[str, Timing]:
-    """Run every function ``warmup`` times, then ``repeat`` rounds of one call each."""
+    """Run every function ``warmup`` times, then rounds of one call each.
+
+    At least ``repeat`` rounds; more (up to ``max_rounds``, default 5 x repeat) until the
+    rounds took ``min_seconds`` in all, so fast cases get enough samples for a stable median.
+    The i-th time of every function comes from the same round: ratios of paired times
+    (:func:`paired_ratio`) cancel a drift of the machine's speed between rounds.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
     out = {name: Timing() for name in fns}
-    for _ in range(repeat):
+    max_rounds = max(repeat, max_rounds if max_rounds is not None else 5 * repeat)
+    start, rounds = time.perf_counter(), 0
+    while rounds < repeat or (rounds < max_rounds and time.perf_counter() - start < min_seconds):
         for name, fn in fns.items():
             synchronize(device)
             t0 = time.perf_counter()
             fn()
             synchronize(device)
             out[name].times.append(time.perf_counter() - t0)
+        rounds += 1
     return out
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[i] / b[i], for times taken in the same interleaved rounds."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio: expected two equally long non-empty lists, got {len(a)} and {len(b)}")
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def machine_info() -> dict[str, object]:
