@@ -209,12 +209,15 @@ def test_dtypes_softcap_chain_and_poincare(backend, dtype):
 # ragged last chunk, inside these small problems.
 
 
-@pytest.fixture
-def eager_chunks_of_5_rows(monkeypatch):
+@pytest.fixture(params=["rows", "slabs"])
+def eager_chunks_of_5_rows(monkeypatch, request):
+    """Work units of 5 query rows of one slab, or of 3 whole slabs (see eager._units)."""
     import headwise.kernels.eager as eager
 
     B, Hq, Hkv, L, S, E, Ev = SMALL
-    monkeypatch.setattr(eager, "_CHUNK_BYTES", 4 * B * Hq * S * 5)
+    G = Hq // Hkv
+    unit = 4 * G * S * 5 if request.param == "rows" else 4 * G * L * S * 3
+    monkeypatch.setattr(eager, "_CHUNK_BYTES", unit)
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
@@ -223,6 +226,25 @@ def test_eager_without_grad_every_mask(eager_chunks_of_5_rows, mask_name):
     mask = MASKS[mask_name](B, Hq, L, S)
     run = check_against_gold("eager", mask, None, torch.float32, SMALL, grads=False, **_extras("eager"))
     assert run.res.backend == "eager"
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 12.0], ids=["bounded", "unbounded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_eager_without_grad_no_mask(dtype, logit_scale):
+    """No mask, no score, no grad: moderate logits skip the row maximum, large ones do not."""
+    B, Hq, Hkv, L, S, E, Ev = SMALL
+    q, k, v, _ = make_inputs(*SMALL, torch.float64)
+    kw = dict(need_weights=True, need_stats=True)
+    gold = attend(q * logit_scale, k, v, backend="reference", **kw)
+    ref = attend((q * logit_scale).to(dtype), k.to(dtype), v.to(dtype), backend="reference", **kw)
+    got = attend((q * logit_scale).to(dtype), k.to(dtype), v.to(dtype), backend="eager", **kw)
+    floor = FLOORS[dtype]
+    for name in ("out", "weights", "lse"):
+        assert_close_to_gold(getattr(got, name), getattr(ref, name), getattr(gold, name), floor, name)
+    for name in ("entropy", "max_weight"):
+        assert_close_to_gold(getattr(got.stats, name), getattr(ref.stats, name), getattr(gold.stats, name), floor, name)
+    mean = attend((q * logit_scale).to(dtype), k.to(dtype), v.to(dtype), backend="eager", need_weights="mean")
+    assert_close_to_gold(mean.weights, ref.weights.mean(1), gold.weights.mean(1), floor, "mean weights")
 
 
 @pytest.mark.parametrize("score_name", list(SCORES))

@@ -1,7 +1,7 @@
 """``headwise bench modules``: MultiHeadAttention against torch's nn.MultiheadAttention.
 
-Forward (eval, no grad) at L=1024, E=512, 8 heads, batch 4, returning no weights, head-averaged
-weights (torch's default) or per-head weights, and
+Forward (eval; inference mode, and again with autograd on) at L=1024, E=512, 8 heads,
+batch 4, returning no weights, head-averaged weights (torch's default) or per-head weights, and
 GQA 8/2 against MHA 8/8 at L=4096. torch runs as users run it: ``nn.MultiheadAttention``
 in eval mode under ``torch.inference_mode`` takes its native fast path when it can.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from headwise.bench.harness import Timing, measure_in_subprocess, time_interleaved
+from headwise.bench.harness import Timing, measure_in_subprocess, paired_ratio, time_interleaved
 from headwise.modules import MultiHeadAttention
 
 # The weights each side returns: none; averaged over heads (torch's default with
@@ -22,24 +22,27 @@ WEIGHT_MODES = ("none", "mean", "heads")
 
 
 def module_fns(
-    weights: str, L: int = 1024, embed: int = 512, heads: int = 8, batch: int = 4
+    weights: str, L: int = 1024, embed: int = 512, heads: int = 8, batch: int = 4, grad: bool = False
 ) -> dict[str, Callable[[], object]]:
-    """torch's and our MHA forward on the same weights and input (eval, inference mode).
+    """torch's and our MHA forward on the same weights and input (eval mode).
 
-    ``weights`` is one of WEIGHT_MODES; both sides return the same tensors.
+    ``weights`` is one of WEIGHT_MODES; both sides return the same tensors. ``grad=False``:
+    under inference mode, where torch takes its native fast path (which computes weights
+    too). ``grad=True``: autograd on, as in a training step, where torch leaves the fast path.
     """
     need, average = weights != "none", weights == "mean"
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(embed, heads, batch_first=True).eval()
     ours = MultiHeadAttention.from_torch(theirs).eval()
     x = torch.randn(batch, L, embed)
+    mode = torch.enable_grad if grad else torch.inference_mode
 
     def torch_fwd():
-        with torch.inference_mode():
+        with mode():
             return theirs(x, x, x, need_weights=need, average_attn_weights=average)[0]
 
     def ours_fwd():
-        with torch.inference_mode():
+        with mode():
             return ours(x, need_weights=need, average_attn_weights=average).out
 
     return {"torch nn.MultiheadAttention": torch_fwd, "headwise MultiHeadAttention": ours_fwd}
@@ -67,11 +70,13 @@ def run_modules(
 ) -> dict[str, list[dict]]:
     """Time both comparisons; ``rows`` hold the speed-ups, ``records`` one entry per (case, implementation)."""
     rows, records = [], []
-    for weights in WEIGHT_MODES:
-        case = f"forward L={L} E={embed} H={heads} N={batch}, weights: {weights}"
-        t = time_interleaved(module_fns(weights, L, embed, heads, batch), repeat=repeat)
-        rows.append(_row(case, t))
-        records += [{"case": case, "impl": name, **tm.record(items=batch * L)} for name, tm in t.items()]
+    for grad in (False, True):
+        for weights in WEIGHT_MODES:
+            how = ", autograd on (torch off its fast path)" if grad else ""
+            case = f"forward L={L} E={embed} H={heads} N={batch}, weights: {weights}{how}"
+            t = time_interleaved(module_fns(weights, L, embed, heads, batch, grad), repeat=repeat)
+            rows.append(_row(case, t))
+            records += [{"case": case, "impl": name, **tm.record(items=batch * L)} for name, tm in t.items()]
 
     case = f"forward L={L_gqa} E={embed} N=1: GQA 8/2 vs MHA 8/8"
     t = time_interleaved(gqa_fns(L_gqa, embed, heads), repeat=repeat)
@@ -116,7 +121,7 @@ def _row(case: str, timings: dict[str, Timing]) -> dict:
         "baseline_cv": a.cv,
         "candidate_ms": b.median * 1e3,
         "candidate_cv": b.cv,
-        "speedup": a.median / b.median,
+        "speedup": paired_ratio(a.times, b.times),
     }
 
 
@@ -129,7 +134,7 @@ def to_markdown(result: dict, command: str, info: dict) -> str:
         "",
         f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}; "
         f"load average at start {info['load_average'][0]:.2f}. Medians of interleaved runs after a warm-up; "
-        "CV% flagged `!` above 10%.",
+        "CV% flagged `!` above 10%. Speed-up: the median over rounds of baseline / candidate in the same round.",
         "",
         "| case | baseline | ms (CV%) | candidate | ms (CV%) | speed-up (baseline / candidate) |",
         "|---|---|---|---|---|---|",
