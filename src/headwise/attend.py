@@ -28,7 +28,7 @@ def attend(
     need_weights: bool | Literal["mean"] = False,
     need_stats: bool = False,
     backend: str = "auto",
-    check_finite: bool = True,
+    check_finite: bool = False,
 ) -> AttentionOutput:
     """Multi-head attention ``softmax(scale * q k^T + modifications, masked) @ v``.
 
@@ -59,9 +59,10 @@ def attend(
         need_stats: also return per-row entropy and max weight, computed while streaming.
         backend: "auto" (cheapest backend that serves the call), "reference", "tiled",
             "sdpa" or "flex". ``AttentionOutput.backend`` says which ran.
-        check_finite: raise :class:`HeadwiseError` naming q, k or v if it holds NaN or
-            Inf (one reduction per tensor); False skips the check and lets non-finite
-            values through as torch does (backends differ: SDPA zeroes a NaN row).
+        check_finite: True raises :class:`HeadwiseError` naming q, k or v if it holds NaN
+            or Inf (one reduction per tensor and a host sync, which on CUDA stalls the
+            stream: a debugging aid, off by default). False lets non-finite values through
+            as torch does (backends differ: SDPA zeroes a NaN row).
 
     Example::
 

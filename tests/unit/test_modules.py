@@ -345,3 +345,24 @@ def test_attend_is_the_only_softmax():
     x = torch.randn(1, 4, 16, dtype=F64)
     q, k, v = m.project(x, None, None)
     torch.testing.assert_close(m(x, need_weights=True).weights, attend(q, k, v, need_weights=True).weights)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "bias"), [(4, 4, True), (4, 2, True), (4, 1, False)])
+def test_folded_cross_attention_equals_the_projected_forward(heads, kv_heads, bias):
+    """Moving the key projection onto the query and the value projection after the sum is exact."""
+    mha = MultiHeadAttention(16, heads, num_kv_heads=kv_heads, bias=bias, dtype=torch.float64).eval()
+    with torch.no_grad():
+        mha.head_gates.copy_(torch.tensor([1.0, 0.0, 0.5, 2.0], dtype=torch.float64))
+        if bias:
+            mha.in_proj_bias.normal_()
+    q, tokens = torch.randn(3, 16, dtype=torch.float64), torch.randn(3, 7, 16, dtype=torch.float64)
+    want = mha(q[:, None], tokens, tokens).out[:, 0]
+    got = mha.folded_cross_attention(q, tokens)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
+def test_folded_cross_attention_rejects_masks_and_bad_shapes():
+    with pytest.raises(HeadwiseError, match="folded_cross_attention"):
+        MultiHeadAttention(8, 2, mask=causal).folded_cross_attention(torch.randn(1, 8), torch.randn(1, 3, 8))
+    with pytest.raises(HeadwiseError, match="query, tokens"):
+        MultiHeadAttention(8, 2).folded_cross_attention(torch.randn(2, 8), torch.randn(1, 3, 8))

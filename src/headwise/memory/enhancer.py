@@ -248,6 +248,8 @@ class QueryEnhancer(_Enhancer):
             raise bad_argument("cand_vectors", f"(n, K, {self.dim}) candidates for {self.mechanism!r}", None)
         tok = self.tokens(cand, scores)
         if self.mechanism == "multi-head":
+            if not torch.is_grad_enabled():  # serving: the same read-out, tokens never projected
+                return self.attn.folded_cross_attention(qa, tok)
             return self.attn(qa.unsqueeze(1), tok, tok).out[:, 0]
         return self.attn(torch.cat([qa.unsqueeze(1), tok], dim=1))[:, 0]
 

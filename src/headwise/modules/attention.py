@@ -200,6 +200,48 @@ class MultiHeadAttention(nn.Module):
             out = out.transpose(0, 1)
         return MHAOutput(out, res.weights, res.stats, res.backend)
 
+    def folded_cross_attention(self, query: Tensor, tokens: Tensor) -> Tensor:
+        """``forward(query[:, None], tokens, tokens).out[:, 0]`` without projecting the tokens.
+
+        For one query per row over S tokens (keys = values), the key projection moves onto
+        the query, ``q_h . (W_k,h t + b_k,h) = (W_k,h^T q_h) . t + const``, and the value
+        projection after the weighted sum, ``sum_j a_j (W_v,h t_j + b_v,h) = W_v,h (sum_j a_j t_j)
+        + b_v,h``: the S tokens are never projected, which costs H*E per token instead of
+        2*H*d*E. The attention itself is :func:`~headwise.attend` (MQA over the raw tokens).
+        Needs no mask, no score, dropout off, and tokens of width embed_dim.
+
+        Shapes: query (N, E), tokens (N, S, E) -> (N, E).
+
+        Example:
+            >>> import torch
+            >>> mha = MultiHeadAttention(16, 4).eval()
+            >>> q, t = torch.randn(3, 16), torch.randn(3, 5, 16)
+            >>> ref = mha(q[:, None], t, t).out[:, 0]
+            >>> bool(torch.allclose(mha.folded_cross_attention(q, t), ref, atol=1e-5))
+            True
+        """
+        if self.mask is not None or self.score is not None or (self.training and self.dropout > 0):
+            raise bad_argument("folded_cross_attention", "a module without mask, score or active dropout", self)
+        if query.dim() != 2 or tokens.dim() != 3 or tokens.shape[0] != query.shape[0]:
+            raise bad_argument("query, tokens", "(N, E) and (N, S, E)", (tuple(query.shape), tuple(tokens.shape)))
+        if query.shape[-1] != self.embed_dim or tokens.shape[-1] != self.kdim or self.kdim != self.vdim:
+            raise bad_argument("tokens", f"last dim {self.embed_dim} (kdim == vdim)", tokens.shape[-1])
+        N, H, d, E = query.shape[0], self.num_heads, self.head_dim, tokens.shape[-1]
+        G = H // self.num_kv_heads
+        (wq, wk, wv), (bq, _, bv) = self._weights(), self._biases()
+        q = nn.functional.linear(query, wq, bq).view(N, H, d)
+        # Query head h reads kv head h // G: expand the (Hkv, d, E) weights to (H, d, E), a view.
+        wk_h = wk.view(self.num_kv_heads, 1, d, E).expand(-1, G, -1, -1).reshape(H, d, E)
+        wv_h = wv.view(self.num_kv_heads, 1, d, E).expand(-1, G, -1, -1).reshape(H, d, E)
+        u = torch.einsum("nhd,hde->nhe", q, wk_h)  # W_k,h^T q_h; b_k adds a constant per row
+        t = tokens.unsqueeze(1)
+        mean = attend(u.unsqueeze(2), t, t, scale=d**-0.5, check_finite=False).out[:, :, 0]  # (N, H, E)
+        o = torch.einsum("nhe,hde->nhd", mean, wv_h)
+        if bv is not None:
+            o = o + bv.view(self.num_kv_heads, 1, d).expand(-1, G, -1).reshape(H, d)
+        o = o * self.head_gates.view(1, H, 1).to(o.dtype)
+        return self.out_proj(o.reshape(N, H * d))
+
     def _check_inputs(self, query, key, value):
         if not isinstance(query, Tensor) or query.dim() != 3:
             got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
