@@ -59,11 +59,22 @@ WEIGHTS_FILE, CONFIG_FILE = "enhancer.safetensors", "enhancer.json"
 
 
 def _as_tensor(x: Any, name: str, dims: int, dim: int) -> Tensor:
-    """float32 tensor of ``dims`` dimensions whose last one is ``dim`` (when dim > 0), finite."""
-    t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, Tensor) else x.float()
+    """float32 tensor of ``dims`` dimensions whose last one is ``dim`` (when dim > 0), finite.
+
+    Arrays are checked in numpy before the (zero-copy) conversion: on the small arrays of
+    one query a numpy check costs a few µs, torch's isfinite + all several times that.
+    """
+    if isinstance(x, Tensor):
+        t = x.float()
+        finite = bool(torch.isfinite(t).all())
+    else:
+        a = np.asarray(x, dtype=np.float32)
+        finite = bool(np.isfinite(a).all())
+        a = np.ascontiguousarray(a)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # torch warns on read-only memory
     if t.dim() != dims or (dim > 0 and t.shape[-1] != dim):
         raise bad_argument(name, f"a {dims}-d array with last dimension {dim}", tuple(t.shape))
-    if not torch.isfinite(t).all():
+    if not finite:
         raise bad_argument(name, "finite values", "NaN or Inf")
     return t
 
@@ -83,7 +94,8 @@ class _Enhancer(nn.Module):
     def refine(self, queries: Any, cand_vectors: Any = None, cand_scores: Any = None) -> np.ndarray:
         """Refined queries (n, d) float32 for a second search pass (the store's protocol)."""
         was = self.training
-        self.eval()
+        if was:  # module.train() walks every submodule: skip it when already in eval mode
+            self.eval()
         try:
             q = _as_tensor(queries, "queries", 2, self.dim)
             if self.uses_candidates:
@@ -99,7 +111,8 @@ class _Enhancer(nn.Module):
             else:
                 out = self(q)
         finally:
-            self.train(was)
+            if was:
+                self.train(True)
         return out.numpy().astype(np.float32, copy=False)
 
     def save(self, directory: Path | str) -> Path:
