@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops
+from headwise.kernels.base import BOUNDED_LOGIT_LIMIT as _BOUNDED_LOGIT_LIMIT
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops, logit_bounds
 from headwise.profiling import AV, MASK_SCORE, QK, SOFTMAX, scope
 
 _SECONDS_PER_FLOP = 1 / 150e9
@@ -241,17 +242,13 @@ def _add_to_mean(mean_w: Tensor, p4: Tensor, bh0: int, q0: int, Hkv: int, whole:
         rows.add_(part, alpha=1.0 / Hq)
 
 
-# Largest |logit| for which exp needs no shift (see _eager_chunked).
-_BOUNDED_LOGIT_LIMIT = {torch.float32: 30.0, torch.float64: 300.0}
-
-
 def _logits_bounded(req: Request, q: Tensor, k: Tensor) -> bool:
     """True when no mask or score applies and |q_i| max_j |k_j| * scale <= the dtype's limit."""
     limit = _BOUNDED_LOGIT_LIMIT.get(q.dtype)
     if req.mask is not None or req.score is not None or limit is None or q.numel() == 0 or k.numel() == 0:
         return False
-    bound = torch.linalg.vector_norm(q, dim=-1).amax() * torch.linalg.vector_norm(k, dim=-1).amax() * req.scale
-    return bool(bound <= limit)
+    Hkv = k.shape[1]
+    return bool(logit_bounds(q.unflatten(1, (Hkv, q.shape[1] // Hkv)), k, req.scale).amax() <= limit)
 
 
 class EagerBackend(Backend):

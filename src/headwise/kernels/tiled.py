@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request
+from headwise.kernels.base import BOUNDED_LOGIT_LIMIT as _BOUNDED_LOGIT_LIMIT
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request, logit_bounds
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
 from headwise.scores import Score
 
@@ -188,10 +189,6 @@ def estimate_seconds(req: Request) -> float:
 
 # Element masks of partial tiles cached on a plan stay below this many bytes in all.
 _KEEP_CACHE_BYTES = 64 << 20
-# A query block whose logits are provably within +-limit takes exp(s) with no shift (see
-# _bounded_blocks): e^30 leaves room for sums of 1e24 terms in float32, and e^-30 is still
-# a normal float with full relative precision (float64: e^+-300).
-_BOUNDED_LOGIT_LIMIT = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 class _Blocks:
@@ -314,7 +311,7 @@ def _bounded_blocks(plan: TiledPlan, q5: Tensor, k: Tensor) -> list[bool]:
     limit = _BOUNDED_LOGIT_LIMIT.get(q5.dtype)
     if plan.score is not None or limit is None or k.shape[2] == 0 or q5.numel() == 0:
         return [False] * nq
-    bounds = torch.linalg.vector_norm(q5, dim=-1) * torch.linalg.vector_norm(k, dim=-1).amax(dim=-1)[:, :, None, None]
+    bounds = logit_bounds(q5, k, 1.0)  # q5 already carries the scale
     bq = plan.block_q
     maxima = torch.stack([bounds[..., i * bq : (i + 1) * bq].amax() for i in range(nq)])
     return (maxima <= limit).tolist()
