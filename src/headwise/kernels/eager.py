@@ -38,14 +38,23 @@ def _head_indices(req: Request, bh0: int, bh1: int, dev: torch.device) -> tuple[
     return bh // Hkv, (bh % Hkv) * G + torch.arange(G, device=dev).view(1, 1, G, 1, 1)
 
 
-def _logits(req: Request, q: Tensor, k: Tensor, bh: tuple[int, int], q0: int, n: int, **kw) -> Tensor:
+def _logits(
+    req: Request,
+    q: Tensor,
+    k: Tensor,
+    bh: tuple[int, int],
+    q0: int,
+    n: int,
+    *,
+    out: Tensor | None = None,
+    inplace: bool = True,
+) -> Tensor:
     """Masked, modified logits of slabs bh[0]..bh[1]-1, query rows q0..q0+n-1: (nb, G*n, S).
 
     q is (*lead, G, L, E) and k (*lead, S, E), already restricted to the slabs, with lead
     (B, Hkv) or (nb,). Float32 or wider. ``out``: a buffer the matmul fills (no score);
     ``inplace``: mask in place (never under autograd, where a score may keep its output).
     """
-    out, inplace = kw.get("out"), kw.get("inplace", True)
     _, Hq, Hkv, L, S, _, _ = req.shape
     G = Hq // Hkv
     nb = bh[1] - bh[0]
@@ -175,7 +184,7 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
     mean_w = q.new_empty(B, L, S, dtype=acc) if req.need_weights == "mean" else None
     entropy = q.new_empty(B * Hkv, G, L, dtype=acc) if req.need_stats else None
     max_w = q.new_empty(B * Hkv, G, L, dtype=acc) if req.need_stats else None
-    bounded = _logits_bounded(req, q, k)
+    bounded = _logits_bounded(req, q5, k)
     for bh0, bh1, q0, n in units:
         nb = bh1 - bh0
 
@@ -242,13 +251,15 @@ def _add_to_mean(mean_w: Tensor, p4: Tensor, bh0: int, q0: int, Hkv: int, whole:
         rows.add_(part, alpha=1.0 / Hq)
 
 
-def _logits_bounded(req: Request, q: Tensor, k: Tensor) -> bool:
-    """True when no mask or score applies and |q_i| max_j |k_j| * scale <= the dtype's limit."""
-    limit = _BOUNDED_LOGIT_LIMIT.get(q.dtype)
-    if req.mask is not None or req.score is not None or limit is None or q.numel() == 0 or k.numel() == 0:
+def _logits_bounded(req: Request, q5: Tensor, k: Tensor) -> bool:
+    """True when no mask or score applies and every |logit| is within the dtype's limit.
+
+    q5 (B, Hkv, G, L, E), k (B, Hkv, S, E); the bound is :func:`logit_bounds`.
+    """
+    limit = _BOUNDED_LOGIT_LIMIT.get(q5.dtype)
+    if req.mask is not None or req.score is not None or limit is None or q5.numel() == 0 or k.numel() == 0:
         return False
-    Hkv = k.shape[1]
-    return bool(logit_bounds(q.unflatten(1, (Hkv, q.shape[1] // Hkv)), k, req.scale).amax() <= limit)
+    return bool(logit_bounds(q5, k, req.scale).amax() <= limit)
 
 
 class EagerBackend(Backend):

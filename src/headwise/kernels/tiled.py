@@ -4,12 +4,14 @@ Queries are cut into blocks of ``block_q`` rows and keys into blocks of ``block_
 each query block the kernel visits only the key blocks the mask can reach (EMPTY blocks
 are skipped, FULL blocks need no element mask), keeping a running row max ``m``, a running
 sum ``l`` of ``exp(s - m)`` and the running output, rescaled whenever ``m`` grows. Memory
-is O(block_q * block_k) per head for the logits, never O(L * S).
+is O(block_q * block_k) per head for the logits, never O(L * S). A query block whose logits
+are provably within +-BOUNDED_LOGIT_LIMIT (Cauchy-Schwarz, see _bounded_blocks) skips the
+running max altogether: exp(s) with no shift, nothing to rescale.
 
 Streaming statistics come from the same pass. With ``p_j = exp(s_j - m)`` and
 ``l = sum p_j``, the entropy of the row is ``log l - sum(p_j (s_j - m)) / l`` and its
-largest weight is ``1 / l``; the sum is rescaled like the output when ``m`` changes. It is
-computed elementwise (a row dot product of p and s - m), not as
+largest weight is ``max p / l`` (``1 / l`` on the online path); the sum is rescaled like
+the output when ``m`` changes. It is computed elementwise (a row dot product of p and s - m), not as
 ``scale * q . (sum p k) - m * l``: that shortcut subtracts two numbers of the size of the
 largest logit and loses the entropy of sharp rows.
 
@@ -243,7 +245,7 @@ class _Blocks:
         mask; the rest of the tile is fully allowed. Returns the logits and, per partial
         range, ``(start, end, keep)`` with keep the broadcastable 5-d 0/1 float mask.
         ``mask_with_inf=False`` leaves masked logits as they are: the caller zeroes their
-        probabilities with ``keep`` (the fixed-shift forward, which takes no row maximum).
+        probabilities with ``keep`` (the bounded forward, which takes no row maximum).
 
         Without a score, ``qb`` must already be multiplied by the scale (done once per
         call instead of once per tile); ``out`` is an optional buffer for the matmul.
@@ -440,7 +442,7 @@ def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
                 ps.add_(shift).mul_(alpha).add_(_row_dot(p, t))
             l_run.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
         m_run = m_new
-    return m_run, l_run, acc, ps, torch.ones_like(l_run)
+    return m_run, l_run, acc, ps, 1.0
 
 
 def _tiled_backward(plan, q, k, v, out, lse, dout, params):
