@@ -1,23 +1,146 @@
-"""The enhancer's serving path (no grad: folded read-out) equals its training path."""
+"""The enhancer's serving paths equal its training path: the no-grad folded read-out, and the
+numpy plans that ``refine`` runs in eval mode (headwise.memory.serving)."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from headwise.memory.enhancer import QueryEnhancer
+from headwise.errors import HeadwiseError
+from headwise.memory.enhancer import LinearAdapter, QueryEnhancer
+from headwise.memory.serving import LinearPlan, MultiHeadPlan
 
 
-def test_no_grad_readout_equals_the_training_readout():
-    enh = QueryEnhancer(32, heads=4, candidates=5).double().eval()
+def _random_enhancer(dtype=torch.float64, **kw) -> QueryEnhancer:
+    enh = QueryEnhancer(32, heads=4, candidates=5, **kw).to(dtype).eval()
     with torch.no_grad():
         for p in enh.parameters():
             p.normal_(std=0.2)
-    q = torch.nn.functional.normalize(torch.randn(6, 32, dtype=torch.float64), dim=-1)
-    cand = torch.nn.functional.normalize(torch.randn(6, 5, 32, dtype=torch.float64), dim=-1)
-    scores = torch.rand(6, 5, dtype=torch.float64)
+    return enh
+
+
+def _inputs(n=6, K=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, 32, generator=g, dtype=dtype), dim=-1)
+    cand = torch.nn.functional.normalize(torch.randn(n, K, 32, generator=g, dtype=dtype), dim=-1)
+    return q, cand, torch.rand(n, K, generator=g, dtype=dtype)
+
+
+def test_no_grad_readout_equals_the_training_readout():
+    enh = _random_enhancer()
+    q, cand, scores = _inputs()
     with torch.enable_grad():
         train_path = enh(q, cand, scores)
     with torch.no_grad():
         serve_path = enh(q, cand, scores)
     assert torch.allclose(serve_path, train_path, atol=1e-12, rtol=0)
     assert not torch.allclose(serve_path, q)  # the weights do something
+
+
+@pytest.mark.parametrize("K", [5, 3])  # a store may hand fewer candidates than the enhancer's K
+def test_multi_head_plan_equals_forward_float64(K):
+    enh = _random_enhancer()
+    enh.attn.head_gates.data = torch.tensor([1.0, 0.0, 0.5, 2.0], dtype=torch.float64)  # gates are folded too
+    q, cand, scores = _inputs(K=K)
+    with torch.no_grad():
+        ref = enh(q, cand, scores).numpy()
+    plan = MultiHeadPlan.from_enhancer(enh, np.float64)
+    got = plan.refine(q.numpy(), cand.numpy(), scores.numpy())
+    np.testing.assert_allclose(got, ref, atol=1e-12, rtol=0)
+
+
+def test_multi_head_plan_handles_gqa_and_no_bias():
+    enh = _random_enhancer()
+    from headwise.modules import MultiHeadAttention
+
+    enh.attn = MultiHeadAttention(32, 4, num_kv_heads=2, bias=False).double().eval()
+    with torch.no_grad():
+        for p in enh.attn.parameters():
+            p.normal_(std=0.2)
+    q, cand, scores = _inputs()
+    with torch.no_grad():
+        ref = enh(q, cand, scores).numpy()
+    got = MultiHeadPlan.from_enhancer(enh, np.float64).refine(q.numpy(), cand.numpy(), scores.numpy())
+    np.testing.assert_allclose(got, ref, atol=1e-12, rtol=0)
+
+
+def test_linear_plan_equals_forward_float64():
+    ad = LinearAdapter(32).double().eval()
+    with torch.no_grad():
+        ad.linear.weight.normal_(std=0.3)
+        ad.linear.bias.normal_(std=0.3)
+    q = _inputs()[0]
+    with torch.no_grad():
+        ref = ad(q).numpy()
+    np.testing.assert_allclose(LinearPlan.from_adapter(ad, np.float64).refine(q.numpy()), ref, atol=1e-12, rtol=0)
+
+
+def test_refine_runs_the_plan_in_eval_and_torch_in_training():
+    enh = _random_enhancer(torch.float32)
+    q, cand, scores = (t.numpy() for t in _inputs(dtype=torch.float32))
+    assert isinstance(enh.serving_plan(), MultiHeadPlan)
+    served = enh.refine(q, cand, scores)
+    assert served.dtype == np.float32 and served.shape == (6, 32)
+    enh.train()
+    trained = enh.refine(q, cand, scores)  # the torch forward, in eval mode for the call
+    assert enh.training
+    np.testing.assert_allclose(served, trained, atol=2e-6, rtol=0)
+    for mechanism in ("hyperbolic", "moe"):
+        assert QueryEnhancer(32, heads=4, candidates=5, mechanism=mechanism).serving_plan() is None
+
+
+def test_plan_is_rebuilt_when_a_parameter_changes():
+    enh = _random_enhancer(torch.float32)
+    q, cand, scores = (t.numpy() for t in _inputs(dtype=torch.float32))
+    plan = enh.serving_plan()
+    assert enh.serving_plan() is plan  # cached while nothing changes
+    before = enh.refine(q, cand, scores)
+    opt = torch.optim.SGD(enh.parameters(), lr=0.5)
+    enh.train()
+    enh(*(torch.from_numpy(a) for a in (q, cand, scores))).sum().backward()
+    opt.step()
+    enh.eval()
+    assert enh.serving_plan() is not plan
+    with torch.no_grad():
+        ref = enh(*(torch.from_numpy(a) for a in (q, cand, scores))).numpy()
+    after = enh.refine(q, cand, scores)
+    assert not np.allclose(after, before, atol=1e-3)
+    np.testing.assert_allclose(after, ref, atol=2e-6, rtol=0)
+    enh.load_state_dict(_random_enhancer(torch.float32).state_dict())  # load_state_dict copies in place
+    with torch.no_grad():
+        ref = enh(*(torch.from_numpy(a) for a in (q, cand, scores))).numpy()
+    np.testing.assert_allclose(enh.refine(q, cand, scores), ref, atol=2e-6, rtol=0)
+
+
+def test_refine_rejects_bad_candidates():
+    enh = _random_enhancer(torch.float32)
+    q, cand, scores = (t.numpy() for t in _inputs(dtype=torch.float32))
+    with pytest.raises(HeadwiseError, match="at most K=5"):
+        enh.refine(q, np.concatenate([cand, cand], axis=1), np.concatenate([scores, scores], axis=1))
+    with pytest.raises(HeadwiseError, match="cand_scores"):
+        enh.refine(q, cand, scores[:, :4])
+    bad = cand.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(HeadwiseError, match="finite"):
+        enh.refine(q, bad, scores)
+
+
+def test_plan_follows_a_dtype_change():
+    enh = _random_enhancer(torch.float32)
+    plan = enh.serving_plan()
+    enh.double()  # swaps p.data: same Parameter objects, new storage
+    assert enh.serving_plan() is not plan
+
+
+def test_every_parameter_is_a_plan_source():
+    enh = _random_enhancer(torch.float32)
+    q, cand, scores = (t.numpy() for t in _inputs(dtype=torch.float32))
+    for name, p in enh.named_parameters():
+        plan = enh.serving_plan()
+        with torch.no_grad():
+            p.add_(0.05)
+        assert enh.serving_plan() is not plan, name
+        with torch.no_grad():
+            ref = enh(*(torch.from_numpy(a) for a in (q, cand, scores))).numpy()
+        np.testing.assert_allclose(enh.refine(q, cand, scores), ref, atol=2e-6, rtol=0, err_msg=name)

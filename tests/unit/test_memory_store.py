@@ -466,3 +466,22 @@ def test_footprint_counts_index_and_sqlite(tmp_path):
     hnsw = VectorMemory(DIM, index="hnsw", hnsw_m=8)
     hnsw.add(rand(100))
     assert hnsw.footprint()["index_bytes"] > 100 * DIM * 4  # plus the graph
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_slot_index_reconstruct_gathers_the_stored_vectors(kind):
+    from headwise.memory.index import SlotIndex
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((50, 8)).astype(np.float32)
+    index = SlotIndex(8, "ip", kind)
+    index.add(np.arange(50), np.arange(50), vecs)
+    slots = rng.integers(0, 50, (4, 3))
+    np.testing.assert_array_equal(index.reconstruct(slots), vecs[slots])  # (n, K, d)
+    index.add(np.arange(50, 60), np.arange(50, 60), vecs[:10])  # faiss may move its storage: a fresh view
+    np.testing.assert_array_equal(index.reconstruct(np.array([55, 0])), vecs[[5, 0]])
+    assert index.reconstruct(np.empty(0, dtype=np.int64)).shape == (0, 8)
+    with pytest.raises(HeadwiseError, match="slots"):
+        index.reconstruct(np.array([0, 60]))
+    with pytest.raises(HeadwiseError, match="slots"):
+        index.reconstruct(np.array([-1]))

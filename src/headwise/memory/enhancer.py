@@ -52,31 +52,32 @@ from torch.nn import functional as F
 
 from headwise.attend import attend
 from headwise.errors import HeadwiseError, bad_argument
+from headwise.memory.serving import LinearPlan, MultiHeadPlan
 from headwise.modules import HyperbolicAttention, MoEAttention, MultiHeadAttention
 
 MECHANISMS = ("multi-head", "hyperbolic", "moe", "flash")
 WEIGHTS_FILE, CONFIG_FILE = "enhancer.safetensors", "enhancer.json"
 
 
-def _as_tensor(x: Any, name: str, dims: int, dim: int) -> Tensor:
-    """float32 tensor of ``dims`` dimensions whose last one is ``dim`` (when dim > 0), finite.
+def _as_array(x: Any, name: str, dims: int, dim: int, finite: bool = True) -> np.ndarray:
+    """C-contiguous float32 array of ``dims`` dimensions whose last one is ``dim`` (when dim > 0), finite.
 
-    Arrays are checked in numpy before the (zero-copy) conversion: on the small arrays of
-    one query a numpy check costs a few µs, torch's isfinite + all several times that.
+    Checked in numpy: on the small arrays of one query a numpy check costs a few µs, torch's
+    isfinite + all several times that.
     """
     if isinstance(x, Tensor):
-        t = x.float()
-        finite = bool(torch.isfinite(t).all())
-    else:
-        a = np.asarray(x, dtype=np.float32)
-        finite = bool(np.isfinite(a).all())
-        a = np.ascontiguousarray(a)
-        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # torch warns on read-only memory
-    if t.dim() != dims or (dim > 0 and t.shape[-1] != dim):
-        raise bad_argument(name, f"a {dims}-d array with last dimension {dim}", tuple(t.shape))
-    if not finite:
+        x = x.detach().to("cpu", torch.float32).numpy()
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    if a.ndim != dims or (dim > 0 and a.shape[-1] != dim):
+        raise bad_argument(name, f"a {dims}-d array with last dimension {dim}", a.shape)
+    # min and max propagate NaN and expose +-Inf: two reductions, no (n, K, d) bool temporary.
+    if finite and a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
         raise bad_argument(name, "finite values", "NaN or Inf")
-    return t
+    return a
+
+
+def _as_tensor(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # torch warns on read-only memory
 
 
 class _Enhancer(nn.Module):
@@ -86,34 +87,85 @@ class _Enhancer(nn.Module):
     #: False when refine() ignores the candidates (linear, flash): they still ask the store for
     #: K = 1, the store's minimum, so the first pass costs one neighbour.
     uses_candidates: bool = True
+    _plan: LinearPlan | MultiHeadPlan | None = None
+    _plan_key: tuple | None = None
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError  # each subclass returns its constructor arguments
 
-    @torch.no_grad()
+    def serving_plan(self) -> LinearPlan | MultiHeadPlan | None:
+        """The folded numpy plan that :meth:`refine` runs in eval mode (None: refine runs torch).
+
+        Rebuilt when a parameter it reads changes: the cache key holds each such tensor's
+        identity, storage address (``module.to`` swaps ``p.data``) and version counter, which
+        torch bumps on every in-place update (optimizer steps, ``load_state_dict``, ``p.copy_``).
+        """
+        sources = self._plan_sources()
+        if not sources:
+            return None
+        if any(t.is_inference() for t in sources):
+            return self._fold()  # inference tensors keep no version counter: fold every time
+        key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+        if self._plan_key != key:
+            self._plan, self._plan_key = self._fold(), key
+        return self._plan
+
+    def _plan_sources(self) -> tuple[Tensor, ...]:
+        return ()  # the tensors the plan is folded from; none: no plan
+
+    def _fold(self) -> LinearPlan | MultiHeadPlan | None:
+        return None
+
     def refine(self, queries: Any, cand_vectors: Any = None, cand_scores: Any = None) -> np.ndarray:
-        """Refined queries (n, d) float32 for a second search pass (the store's protocol)."""
+        """Refined queries (n, d) float32 for a second search pass (the store's protocol).
+
+        In eval mode it runs :meth:`serving_plan` when the mechanism has one (the same
+        function as ``forward`` in a few array operations, see :mod:`headwise.memory.serving`);
+        in training mode, or for the other mechanisms, the module's forward in eval mode.
+        NaN or Inf in any input raises a HeadwiseError naming it.
+        """
+        plan = None if self.training else self.serving_plan()
+        if plan is None:
+            return self._refine_torch(*self._checked(queries, cand_vectors, cand_scores, finite=True))
+        q, c, s = self._checked(queries, cand_vectors, cand_scores, finite=False)
+        out = plan.refine(q, c, s).astype(np.float32, copy=False)
+        # NaN and Inf propagate through every product (0 * NaN is NaN): a finite output proves
+        # finite inputs, so the inputs are only scanned, to name the culprit, when it is not.
+        if not np.isfinite(out).all():
+            self._checked(queries, cand_vectors, cand_scores, finite=True)
+            raise HeadwiseError("refine: expected a finite output from finite inputs, got NaN or Inf")
+        return out
+
+    def _checked(
+        self, queries: Any, cand_vectors: Any, cand_scores: Any, *, finite: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        q = _as_array(queries, "queries", 2, self.dim, finite)
+        if not self.uses_candidates:
+            return q, None, None
+        c = _as_array(cand_vectors, "cand_vectors", 3, self.dim, finite)
+        s = _as_array(cand_scores, "cand_scores", 2, 0, finite)
+        if c.shape[0] != q.shape[0] or s.shape != c.shape[:2]:
+            raise bad_argument(
+                "cand_vectors, cand_scores",
+                f"shapes ({q.shape[0]}, K, {self.dim}) and ({q.shape[0]}, K)",
+                f"{c.shape} and {s.shape}",
+            )
+        if c.shape[1] > self.candidates:
+            raise bad_argument("cand_vectors", f"at most K={self.candidates} candidates", c.shape[1])
+        return q, c, s
+
+    @torch.no_grad()
+    def _refine_torch(self, q: np.ndarray, c: np.ndarray | None, s: np.ndarray | None) -> np.ndarray:
         was = self.training
         if was:  # module.train() walks every submodule: skip it when already in eval mode
             self.eval()
         try:
-            q = _as_tensor(queries, "queries", 2, self.dim)
-            if self.uses_candidates:
-                c = _as_tensor(cand_vectors, "cand_vectors", 3, self.dim)
-                s = _as_tensor(cand_scores, "cand_scores", 2, 0)
-                if c.shape[0] != q.shape[0] or s.shape != c.shape[:2]:
-                    raise bad_argument(
-                        "cand_vectors, cand_scores",
-                        f"shapes ({q.shape[0]}, K, {self.dim}) and ({q.shape[0]}, K)",
-                        f"{tuple(c.shape)} and {tuple(s.shape)}",
-                    )
-                out = self(q, c, s)
-            else:
-                out = self(q)
+            args = (_as_tensor(q),) if c is None else (_as_tensor(q), _as_tensor(c), _as_tensor(s))
+            out = self(*args)
         finally:
             if was:
                 self.train(True)
-        return out.numpy().astype(np.float32, copy=False)
+        return out.float().numpy()
 
     def save(self, directory: Path | str) -> Path:
         """Write ``enhancer.safetensors`` and ``enhancer.json`` into ``directory`` atomically."""
@@ -155,6 +207,12 @@ class LinearAdapter(_Enhancer):
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim}
+
+    def _plan_sources(self) -> tuple[Tensor, ...]:
+        return self.linear.weight, self.linear.bias
+
+    def _fold(self) -> LinearPlan:
+        return LinearPlan.from_adapter(self)
 
     def forward(self, q: Tensor, cand: Tensor | None = None, scores: Tensor | None = None) -> Tensor:
         """q (n, d) -> (n, d); candidates are ignored."""
@@ -224,6 +282,12 @@ class QueryEnhancer(_Enhancer):
             "dropout": self.dropout,
         }
 
+    def _plan_sources(self) -> tuple[Tensor, ...]:
+        return MultiHeadPlan.sources(self) if self.mechanism == "multi-head" else ()
+
+    def _fold(self) -> MultiHeadPlan | None:
+        return MultiHeadPlan.from_enhancer(self) if self.mechanism == "multi-head" else None
+
     @property
     def aux_loss(self) -> Tensor:
         """The MoE load-balancing loss of the last forward (0 for other mechanisms)."""
@@ -233,7 +297,7 @@ class QueryEnhancer(_Enhancer):
         """Set the (N, d) stored vectors that the "flash" read-out attends over. Returns self."""
         if self.mechanism != "flash":
             raise bad_argument("bind", "mechanism 'flash'", repr(self.mechanism))
-        self._memory = _as_tensor(memory, "memory", 2, self.dim).contiguous()
+        self._memory = _as_tensor(_as_array(memory, "memory", 2, self.dim))
         return self
 
     def tokens(self, cand: Tensor, scores: Tensor) -> Tensor:

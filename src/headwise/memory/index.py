@@ -58,6 +58,9 @@ class _Growable:
     def view(self) -> np.ndarray:
         return self._buf[: self._n]
 
+    def __len__(self) -> int:
+        return self._n
+
 
 class SlotIndex:
     """A faiss index plus per-slot (seq, id, live); see the module docstring."""
@@ -87,7 +90,7 @@ class SlotIndex:
         self._id = _Growable(np.full(len(seqs), -1, dtype=np.int64))
         self._live = _Growable(np.zeros(len(seqs), dtype=bool), dtype=bool)
         self._n_live = 0
-        self._params: faiss.SearchParameters | None = None
+        self._params: dict[int, faiss.SearchParameters] | None = None
         self._bitmap: np.ndarray | None = None  # kept alive while faiss holds a pointer into it
         self._selector: faiss.IDSelector | None = None
 
@@ -102,7 +105,7 @@ class SlotIndex:
     # ------------------------------------------------------------------ state
     @property
     def n_slots(self) -> int:
-        return int(self.index.ntotal)
+        return len(self._seq)  # == index.ntotal (asking faiss through SWIG costs µs per search)
 
     @property
     def n_live(self) -> int:
@@ -169,27 +172,53 @@ class SlotIndex:
 
     # ------------------------------------------------------------------ reads
     def reconstruct(self, slots: np.ndarray) -> np.ndarray:
-        """Stored vectors (len(slots), d) of ``slots`` (faiss keeps them in the flat storage)."""
-        if len(slots) == 0:
-            return np.empty((0, self.dim), dtype=np.float32)
-        return self.index.reconstruct_batch(np.ascontiguousarray(slots, dtype=np.int64))
+        """Stored vectors ``slots.shape + (d,)`` of ``slots`` (any shape, each in [0, n_slots)).
 
-    def _search_params(self) -> faiss.SearchParameters | None:
-        if self._n_live == self.n_slots:
-            return None  # no tombstones: no filter, and HNSW uses index.hnsw.efSearch
+        Gathered with numpy from a view of faiss's flat storage: 2-3x faster than faiss's
+        per-vector ``reconstruct_batch`` for the (n, K) candidates of an enhanced search. The
+        view is made per call, since faiss reallocates the storage when vectors are added.
+        """
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.size == 0:
+            return np.empty((*slots.shape, self.dim), dtype=np.float32)
+        if slots.min() < 0 or slots.max() >= self.n_slots:
+            raise HeadwiseError(f"index: expected slots in [0, {self.n_slots}), got {slots.min()}..{slots.max()}")
+        flat = self.index if self.kind == "flat" else faiss.downcast_index(self.index.storage)
+        stored = faiss.rev_swig_ptr(flat.get_xb(), self.n_slots * self.dim).reshape(self.n_slots, self.dim)
+        return np.take(stored, slots, axis=0)
+
+    def _search_params(self, ef: int | None) -> faiss.SearchParameters | None:
+        """faiss parameters for a search with ``ef`` (None: the index's ef_search), cached per ef."""
+        ef = self._ef_search if ef is None or self.kind != "hnsw" else ef
+        tombstones = self._n_live != self.n_slots
+        if not tombstones and ef == self._ef_search:
+            return None  # no filter, and HNSW uses index.hnsw.efSearch
         if self._params is None:
-            self._bitmap = np.packbits(self._live.view, bitorder="little")
-            sel = faiss.IDSelectorBitmap(self.n_slots, faiss.swig_ptr(self._bitmap))
-            if self.kind == "hnsw":
-                # A params object replaces index.hnsw.efSearch, so it must carry ef_search.
-                self._params = faiss.SearchParametersHNSW(sel=sel, efSearch=self._ef_search)
+            self._params = {}
+            if tombstones:
+                self._bitmap = np.packbits(self._live.view, bitorder="little")
+                self._selector = faiss.IDSelectorBitmap(self.n_slots, faiss.swig_ptr(self._bitmap))
             else:
-                self._params = faiss.SearchParameters(sel=sel)
-            self._selector = sel  # the params hold a raw pointer to it: keep it alive
-        return self._params
+                self._bitmap = self._selector = None
+        params = self._params.get(ef)
+        if params is None:
+            # A params object replaces index.hnsw.efSearch, so it carries the ef; it holds a raw
+            # pointer to the selector, which self._selector keeps alive.
+            extra = {"sel": self._selector} if self._selector is not None else {}
+            if self.kind == "hnsw":
+                params = faiss.SearchParametersHNSW(efSearch=ef, **extra)
+            else:
+                params = faiss.SearchParameters(**extra)
+            self._params[ef] = params
+        return params
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k of ``queries`` (n, d): scores (n, k) float32, ids (n, k) int64, slots (n, k) int64."""
+    def search(
+        self, queries: np.ndarray, k: int, *, ef: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k of ``queries`` (n, d): scores (n, k) float32, ids (n, k) int64, slots (n, k) int64.
+
+        ``ef``: the HNSW search breadth for this call (None: ``ef_search``; faiss uses at least k).
+        """
         n = len(queries)
         if self._n_live == 0 or n == 0:
             return (
@@ -197,12 +226,14 @@ class SlotIndex:
                 np.full((n, k), -1, dtype=np.int64),
                 np.full((n, k), -1, dtype=np.int64),
             )
-        D, slots = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._search_params())
-        missing = slots < 0
+        D, slots = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._search_params(ef))
         scores = -D if self.metric == "l2" else D
+        if slots.min() >= 0:  # the common case: k results in every row
+            return scores, self._id.view[slots], slots
+        missing = slots < 0
         scores[missing] = -np.inf
         ids = np.where(missing, -1, self._id.view[np.where(missing, 0, slots)])
-        return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False), slots
+        return scores, ids, slots
 
     def memory_bytes(self) -> int:
         """Bytes faiss holds for this index: vector codes, plus the HNSW graph (neighbours, levels, offsets)."""

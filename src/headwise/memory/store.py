@@ -28,7 +28,9 @@ when they pass 25% of the slots, and on ``save()`` (flat: any tombstone; HNSW: o
 
 With an enhancer (``set_enhancer``), a search takes the top-K candidates (K =
 ``enhancer.candidates``), lets the enhancer refine the queries from the candidates'
-vectors and scores, and searches again with the refined queries.
+vectors and scores, and searches again with the refined queries. On HNSW the first pass
+may use a narrower beam (``candidate_ef``) than the second: it only gathers the enhancer's
+inputs, while the second pass returns the answer.
 
 Shapes: n queries, d = ``dim``, k results, K candidates -> scores (n, k) float32, ids (n, k) int64;
 the enhancer sees queries (n, d), candidate vectors (n, K, d), candidate scores (n, K).
@@ -173,6 +175,7 @@ class VectorMemory:
         self._db = storage
         self._index = slot_index
         self._lock = threading.RLock()
+        self._candidate_ef: int | None = None
 
     # ------------------------------------------------------------------ open / save / close
     @classmethod
@@ -277,6 +280,23 @@ class VectorMemory:
         _check_positive_int("ef_search", value)
         with self._lock:
             self._index.ef_search = value
+            self.cache.clear()
+
+    @property
+    def candidate_ef(self) -> int | None:
+        """HNSW beam width of an enhanced search's first pass (None: ``ef_search``); not saved.
+
+        faiss searches with at least K (the enhancer's candidates), so ``candidate_ef = 1``
+        means exactly K. Ignored by "flat" and by searches without an enhancer.
+        """
+        return self._candidate_ef
+
+    @candidate_ef.setter
+    def candidate_ef(self, value: int | None) -> None:
+        if value is not None:
+            _check_positive_int("candidate_ef", value)
+        with self._lock:
+            self._candidate_ef = None if value is None else int(value)
             self.cache.clear()
 
     # ------------------------------------------------------------------ writes
@@ -404,6 +424,10 @@ class VectorMemory:
             use = self._use_enhancer(enhance)
             q = self._check_vectors(queries, "queries")
             n = len(q)
+            if not self.cache.max_size:  # no cache: no per-row bookkeeping
+                s, i_ = self._search_enhanced(q, k) if use else self._index.search(q, k)[:2]
+                self.metrics.record(op, time.perf_counter() - start, n)
+                return s, i_
             scores = np.full((n, k), -np.inf, dtype=np.float32)
             ids = np.full((n, k), -1, dtype=np.int64)
             keys = [(row.tobytes(), k, use) for row in q] if self.cache.max_size else []
@@ -437,7 +461,9 @@ class VectorMemory:
         big_k = min(int(enhancer.candidates), self._index.n_live)
         if big_k == 0:
             return self._index.search(q, k)[:2]
-        s1, _, slots = self._index.search(q, big_k)
+        s1, _, slots = self._index.search(q, big_k, ef=self._candidate_ef)
+        if slots.min() >= 0:  # the common case: K candidates in every row
+            return self._index.search(self._refine(q, slots, s1), k)[:2]
         has_any = slots[:, 0] >= 0
         refined = q.copy()
         if has_any.any():
@@ -447,17 +473,21 @@ class VectorMemory:
             last = np.maximum.accumulate(np.where(slots >= 0, np.arange(big_k), 0), axis=1)
             slots = np.take_along_axis(slots, last, axis=1)
             s1 = np.take_along_axis(s1, last, axis=1)
-            cand = self._index.reconstruct(slots.ravel()).reshape(len(slots), big_k, self.dim)
-            start = time.perf_counter()
-            out = np.asarray(enhancer.refine(q[has_any], cand, s1), dtype=np.float32)
-            self.metrics.record("refine", time.perf_counter() - start, len(slots))
-            if out.shape != (len(slots), self.dim) or not np.isfinite(out).all():
-                raise HeadwiseError(
-                    f"enhancer.refine: expected finite queries of shape {(len(slots), self.dim)}, got shape "
-                    f"{out.shape} (finite: {bool(np.isfinite(out).all())})"
-                )
-            refined[has_any] = _normalise(out, "enhancer.refine output") if self.metric == "cosine" else out
+            refined[has_any] = self._refine(q[has_any], slots, s1)
         return self._index.search(refined, k)[:2]
+
+    def _refine(self, q: np.ndarray, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The enhancer's refined queries (n, d) from candidate slots and scores (n, K), checked."""
+        cand = self._index.reconstruct(slots)  # (n, K, d)
+        start = time.perf_counter()
+        out = np.asarray(self.enhancer.refine(q, cand, scores), dtype=np.float32)
+        self.metrics.record("refine", time.perf_counter() - start, len(q))
+        if out.shape != (len(q), self.dim) or not np.isfinite(out).all():
+            raise HeadwiseError(
+                f"enhancer.refine: expected finite queries of shape {(len(q), self.dim)}, got shape "
+                f"{out.shape} (finite: {bool(np.isfinite(out).all())})"
+            )
+        return _normalise(out, "enhancer.refine output") if self.metric == "cosine" else out
 
     # ------------------------------------------------------------------ validation
     def _check_vectors(self, vectors: Any, name: str) -> np.ndarray:

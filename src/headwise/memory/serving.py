@@ -1,0 +1,174 @@
+"""Folded numpy plans of trained enhancers: the same refined queries in a handful of array ops.
+
+The torch enhancers are written for training (autograd, dropout, any batch). A served
+query is one row, where ~40 small torch operations cost far more than their arithmetic
+(~15-30 µs each on this CPU). In eval mode the enhancer's affine maps compose, so
+:meth:`~headwise.memory.enhancer.QueryEnhancer.refine` runs a plan of precomputed
+matrices instead:
+
+- :class:`LinearPlan` (linear adapter): ``normalize(q (I + W)^T + b)``, one product.
+- :class:`MultiHeadPlan` (``mechanism="multi-head"``): the adapter and the query projection
+  share one (d, 2d) product; the key projection (and the 1/sqrt(d_h) scale) is applied to
+  the query, ``u_h = W_k,h^T q_h`` (the key bias adds a constant per row, which softmax
+  ignores); the tokens are attended unprojected; the value projection is applied after the
+  weighted sum; the head gates, output projection and mixing layer are one (d, d) matrix with
+  one bias. Same formula as :meth:`~headwise.modules.MultiHeadAttention.folded_cross_attention`,
+  checked against the torch forward in the tests (float64: 1e-12).
+
+Plans are built in float64 from the module's parameters and stored in float32 (or float64
+for exact comparisons). They are a snapshot: the enhancer rebuilds its plan when any
+parameter changes (see ``QueryEnhancer.serving_plan``).
+
+Shape legend: q (n, d) queries, cand (n, K, d) candidate vectors, scores (n, K) their
+first-pass scores, H heads of width d_h = d / H; refined queries (n, d).
+
+Example:
+    >>> import numpy as np, torch
+    >>> from headwise.memory.enhancer import QueryEnhancer
+    >>> enh = QueryEnhancer(32, heads=4, candidates=5).eval()
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((3, 32)).astype(np.float32)
+    >>> cand, s = rng.standard_normal((3, 5, 32)).astype(np.float32), rng.random((3, 5)).astype(np.float32)
+    >>> plan = MultiHeadPlan.from_enhancer(enh)
+    >>> with torch.no_grad():
+    ...     ref = enh(torch.from_numpy(q), torch.from_numpy(cand), torch.from_numpy(s)).numpy()
+    >>> bool(np.allclose(plan.refine(q, cand, s), ref, atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from headwise.errors import bad_argument
+
+
+def _np(t: torch.Tensor | None, dtype: type) -> np.ndarray | None:
+    return None if t is None else t.detach().to("cpu", torch.float64).numpy().astype(dtype)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    # F.normalize: x / max(|x|, 1e-12), so a zero row stays zero instead of NaN.
+    norm = np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]
+    return x / np.maximum(norm, 1e-12)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """``normalize(q @ matrix + bias)`` with matrix = (I + W)^T: the linear adapter, folded."""
+
+    matrix: np.ndarray  # (d, d)
+    bias: np.ndarray  # (d,)
+
+    @classmethod
+    def from_adapter(cls, adapter: Any, dtype: type = np.float32) -> LinearPlan:
+        w = adapter.linear.weight.detach().to("cpu", torch.float64)
+        eye = torch.eye(w.shape[0], dtype=torch.float64)
+        return cls(_np((eye + w).T.contiguous(), dtype), _np(adapter.linear.bias, dtype))
+
+    def refine(self, q: np.ndarray, cand: Any = None, scores: Any = None) -> np.ndarray:
+        """q (n, d) -> refined (n, d); the candidates are not used."""
+        return _normalize(q @ self.matrix + self.bias)
+
+
+@dataclass(frozen=True)
+class MultiHeadPlan:
+    """The multi-head enhancer as matrices (see the module docstring for the algebra)."""
+
+    heads: int
+    in_matrix: np.ndarray  # (d, 2d): [adapter (I + A)^T | query projection composed with it]
+    in_bias: np.ndarray  # (2d,)
+    key_fold: np.ndarray  # (H, d_h, d): scale * W_k,h, applied to the query
+    value_t: np.ndarray  # (H, d, d_h): W_v,h^T, applied after the weighted sum
+    value_bias: np.ndarray  # (H, 1, d_h)
+    out_matrix: np.ndarray  # (d, d): (mix.W @ out_proj.W @ diag(gates))^T
+    out_bias: np.ndarray  # (d,)
+    token_extra: np.ndarray  # (K + 1, d): rank embedding + score-feature bias per rank; last row
+    # score_feat.W[:, 0] - W[:, 1], which multiplies each candidate's score
+    top_weight: np.ndarray  # (d,): score_feat.W[:, 1], multiplies the row's top score
+
+    @staticmethod
+    def sources(enh: Any) -> tuple[torch.Tensor, ...]:
+        """Every tensor :meth:`from_enhancer` reads (the enhancer's cache key for its plan)."""
+        mha = enh.attn
+        # The parameters themselves: mha._weights() would give fresh split views on every call.
+        proj = (mha.in_proj_weight,) if mha.fused else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+        tensors = (
+            *proj, mha.in_proj_bias, mha.head_gates, mha.out_proj.weight, mha.out_proj.bias,
+            enh.adapter.weight, enh.adapter.bias, enh.mix.weight, enh.mix.bias,
+            enh.score_feat.weight, enh.score_feat.bias, enh.rank,
+        )  # fmt: skip
+        return tuple(t for t in tensors if t is not None)
+
+    @classmethod
+    def from_enhancer(cls, enh: Any, dtype: type = np.float32) -> MultiHeadPlan:
+        """Fold a ``QueryEnhancer(mechanism="multi-head")`` (its current parameters)."""
+        if getattr(enh, "mechanism", None) != "multi-head":
+            raise bad_argument("enh", "a QueryEnhancer with mechanism 'multi-head'", getattr(enh, "mechanism", enh))
+        f64 = {"device": "cpu", "dtype": torch.float64}
+        with torch.no_grad():
+            mha = enh.attn
+            d, H, dh = enh.dim, mha.num_heads, mha.head_dim
+            G = H // mha.num_kv_heads
+            (wq, wk, wv), (bq, _, bv) = mha._weights(), mha._biases()
+            wq, wk, wv = (w.to(**f64) for w in (wq, wk, wv))
+            bq = torch.zeros(len(wq), **f64) if bq is None else bq.to(**f64)
+            bv = torch.zeros(len(wv), **f64) if bv is None else bv.to(**f64)
+            adapt = torch.eye(d, **f64) + enh.adapter.weight.to(**f64)  # qa = adapt q + a
+            a = enh.adapter.bias.to(**f64)
+            in_matrix = torch.cat([adapt, wq @ adapt]).T  # q -> [qa | q-projection of qa]
+            in_bias = torch.cat([a, wq @ a + bq])
+            # Query head h reads kv head h // G.
+            key_fold = wk.view(-1, dh, d).repeat_interleave(G, dim=0) * dh**-0.5
+            value_t = wv.view(-1, dh, d).repeat_interleave(G, dim=0).transpose(1, 2)
+            value_bias = bv.view(-1, 1, dh).repeat_interleave(G, dim=0)
+            gates = mha.head_gates.to(**f64).repeat_interleave(dh)
+            mix_w, mix_b = enh.mix.weight.to(**f64), enh.mix.bias.to(**f64)
+            out_w = mha.out_proj.weight.to(**f64) * gates  # scales input column block h by gate h
+            out_b = mha.out_proj.bias
+            out_b = torch.zeros(d, **f64) if out_b is None else out_b.to(**f64)
+            sf_w, sf_b = enh.score_feat.weight.to(**f64), enh.score_feat.bias.to(**f64)
+            return cls(
+                heads=H,
+                in_matrix=_np(in_matrix, dtype),
+                in_bias=_np(in_bias, dtype),
+                key_fold=_np(key_fold, dtype),
+                value_t=_np(value_t, dtype),
+                value_bias=_np(value_bias, dtype),
+                out_matrix=_np((mix_w @ out_w).T, dtype),
+                out_bias=_np(mix_w @ out_b + mix_b, dtype),
+                token_extra=_np(torch.cat([enh.rank.to(**f64) + sf_b, (sf_w[:, 0] - sf_w[:, 1])[None]]), dtype),
+                top_weight=_np(sf_w[:, 1], dtype),
+            )
+
+    def refine(self, q: np.ndarray, cand: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """q (n, d), cand (n, K, d), scores (n, K) -> refined queries (n, d), L2-normalised."""
+        n, K, d = cand.shape
+        H, max_k = self.heads, len(self.token_extra) - 1
+        if max_k < K:
+            raise bad_argument("cand_vectors", f"at most K={max_k} candidates", K)
+        # Token j = cand_j + t_j + s_j w + s_top w', with t_j = rank_j + score-feature bias. The
+        # (n, K, d) tokens are never built: each term meets u (logits) or p (weighted sum) alone.
+        extra = self.token_extra if max_k == K else self.token_extra[[*range(K), -1]]
+        proj = q @ self.in_matrix + self.in_bias  # (n, 2d)
+        qa, qh = proj[:, :d], proj[:, d:].reshape(n, H, -1).transpose(1, 0, 2)  # (n, d), (H, n, d_h)
+        u = np.matmul(qh, self.key_fold).transpose(1, 0, 2)  # (n, H, d): W_k,h^T q_h, scaled
+        ue = (u.reshape(n * H, d) @ extra.T).reshape(n, H, K + 1)  # u . t_j and u . w
+        logits = np.matmul(u, cand.transpose(0, 2, 1))  # (n, H, K)
+        logits += ue[..., :K]
+        logits += ue[..., K:] * scores[:, None, :]  # u . w' s_top is the same for every j: dropped
+        logits -= logits.max(axis=-1, keepdims=True)
+        pe = np.empty_like(ue)  # [p | p . s]: the weights of t_j and of w in the weighted sum
+        p = np.exp(logits, out=pe[..., :K])
+        p /= p.sum(axis=-1, keepdims=True)
+        pe[..., K] = np.matmul(p, scores[:, :, None])[..., 0]
+        mean = np.matmul(p, cand)  # (n, H, d)
+        mean += (pe.reshape(n * H, K + 1) @ extra).reshape(n, H, d)
+        mean += scores[:, :1, None] * self.top_weight  # the weights sum to 1
+        o = np.matmul(mean.transpose(1, 0, 2), self.value_t) + self.value_bias  # (H, n, d_h)
+        read = o.transpose(1, 0, 2).reshape(n, -1) @ self.out_matrix + self.out_bias
+        return _normalize(qa + read)
