@@ -58,11 +58,16 @@ def test_train_eval_search(workdir, tmp_path):
     assert "knn" in res.output and "multi-head" in res.output
     bench = tmp_path / "memory_bench"
     res = invoke("bench", "--dir", str(workdir), "--queries", "3", "--batch", "20", "--sizes", "200,800",
-                 "--size", "100,100000", "--mechanism", "multi-head", "--out", str(bench))  # fmt: skip
+                 "--size", "100,100000", "--mechanism", "multi-head", "--hnsw-m", "16", "--candidate-ef", "8",
+                 "--out", str(bench))  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads(bench.with_suffix(".json").read_text())
     assert set(data["latency"]) == {"flat", "hnsw"}
-    assert data["latency"]["flat"]["knn"]["recall_vs_exact"] == 1.0
+    for method in ("knn", "linear", "multi-head"):  # an exact store agrees with itself
+        assert data["latency"]["flat"][method]["recall_vs_exact"] == 1.0
+        assert data["latency"]["flat"][method]["agreement_vs_exact"] == 1.0
+        assert 0 < data["latency"]["hnsw"][method]["recall_vs_exact"] <= 1
+    assert "M=16, ef_search=64, first pass ef 8" in bench.with_suffix(".md").read_text()
     rows = data["flash_vs_topk"]["rows"]
     assert [r["memory"] for r in rows] == [200, 800]
     # The untrained flash read-out is the identity: its second pass is exactly kNN.

@@ -407,6 +407,39 @@ def test_enhanced_search_is_a_second_search_with_refined_queries(metric):
     np.testing.assert_array_equal(mem.search(q, k=4, enhance=False)[1], brute_force(stored, ids, q, 4, metric)[1])
     np.testing.assert_array_equal(mem.search(q, k=4)[1], found)
     assert "refine" in mem.metrics.summary()
+    # refine_queries exposes the second pass's queries.
+    refined_by_store = mem.refine_queries(q)
+    expected = refined / np.linalg.norm(refined, axis=1, keepdims=True) if metric == "cosine" else refined
+    np.testing.assert_allclose(refined_by_store, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mem.search(refined_by_store, k=4, enhance=False)[1], found)
+
+
+def test_candidate_ef_sets_the_first_pass_beam_only(monkeypatch):
+    mem = VectorMemory(DIM, index="hnsw", ef_search=40)
+    mem.add(rand(300, 31))
+    mem.set_enhancer(MeanOfCandidates(candidates=5))
+    calls = []
+    real = mem._index.search
+    monkeypatch.setattr(mem._index, "search", lambda q, k, ef=None: calls.append((k, ef)) or real(q, k, ef=ef))
+    mem.search(rand(2, 32), k=3)
+    assert calls == [(5, None), (3, None)]  # both passes at ef_search
+    mem.candidate_ef = 8
+    calls.clear()
+    mem.search(rand(2, 33), k=3)
+    assert calls == [(5, 8), (3, None)]
+    assert mem._index._search_params(8).efSearch == 8  # faiss gets the narrower beam
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(HeadwiseError, match="candidate_ef"):
+            mem.candidate_ef = bad
+    mem.candidate_ef = None
+    assert mem.candidate_ef is None
+
+
+def test_refine_queries_needs_an_enhancer():
+    mem = VectorMemory(DIM)
+    mem.add(rand(10))
+    with pytest.raises(HeadwiseError, match="enhance"):
+        mem.refine_queries(rand(1))
 
 
 def test_enhancer_with_more_candidates_than_records_and_bad_output():

@@ -316,6 +316,13 @@ def search(
         console.print(table)
 
 
+def _hnsw_label(kind: str, m: int, ef_search: int, candidate_ef: int) -> str:
+    if kind != "hnsw":
+        return "exact"
+    first = f", first pass ef {candidate_ef}" if candidate_ef else ""
+    return f"M={m}, ef_search={ef_search}{first}"
+
+
 @memory_app.command()
 def bench(
     ctx: typer.Context,
@@ -325,7 +332,11 @@ def bench(
     queries: Annotated[int, typer.Option(help="test queries timed one by one")] = 200,
     batch: Annotated[int, typer.Option(help="queries in the batched call")] = 1000,
     sizes: Annotated[str, typer.Option(help="memory sizes for flash vs top-K ('' to skip)")] = "10000,100000,1000000",
-    ef_search: Annotated[int, typer.Option()] = 64,
+    ef_search: Annotated[int, typer.Option(help="HNSW beam width of the (second) search pass")] = 64,
+    hnsw_m: Annotated[int, typer.Option(help="HNSW graph degree M")] = 32,
+    candidate_ef: Annotated[
+        int, typer.Option(help="HNSW beam width of an enhanced search's first pass (0: ef-search)")
+    ] = 0,
     mechanism_sizes: Annotated[
         str,
         typer.Option(
@@ -359,9 +370,12 @@ def bench(
     result: dict = {"command": _command(ctx), "dataset": manifest, "machine": bench_info(), "latency": {}}
     for kind in ("flat", "hnsw"):
         with console.status(f"timing VectorMemory ({kind})"):
-            t = store_latency(docs, tq, enhancers, index=kind, ef_search=ef_search, single=queries, batch=batch)
+            t = store_latency(
+                docs, tq, enhancers, index=kind, ef_search=ef_search, hnsw_m=hnsw_m,
+                candidate_ef=candidate_ef or None, single=queries, batch=batch,
+            )  # fmt: skip
         result["latency"][kind] = t
-        console.print(latency_table(t, f"VectorMemory {kind} (ef_search={ef_search}), k=10, {len(docs):,} vectors"))
+        console.print(latency_table(t, f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef)})"))
     size_list = [int(x) for x in sizes.split(",") if x.strip()]
     if size_list and "multi-head" in enhancers:
         flash_dir = dir / "models" / "flash"
@@ -389,14 +403,17 @@ def bench(
                 "single q/s",
                 "batched q/s",
                 "bytes/vector",
-                "index recall@10 vs exact",
+                "index recall@10 vs exact (same queries)",
+                "top-10 agreement with an exact store",
             ]
             cells = [
                 [n, f"{r['p50_us']:.0f}", f"{r['p95_us']:.0f}", f"{r['single_qps']:.0f}", f"{r['batch_qps']:.0f}",
-                 f"{r['bytes_per_vector']:.0f}", f"{r['recall_vs_exact']:.3f}"]
+                 f"{r['bytes_per_vector']:.0f}", f"{r['recall_vs_exact']:.3f}", f"{r['agreement_vs_exact']:.3f}"]
                 for n, r in t.items()
             ]  # fmt: skip
-            lines += markdown_table(f"VectorMemory {kind}", cols, cells)
+            lines += markdown_table(
+                f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef)})", cols, cells
+            )
         if "flash_vs_topk" in result:
             cols = ["memory", "queries", "knn R@10", "top-K R@10", "flash R@10", "knn ms/q", "top-K ms/q", "flash ms/q"]
             cells = [

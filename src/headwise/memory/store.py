@@ -377,6 +377,16 @@ class VectorMemory:
             raise bad_argument("queries", "a 2-d array (n, d)", f"shape {np.shape(queries)}")
         return self._search(queries, k, enhance, "search_batch")
 
+    def refine_queries(self, queries: Any) -> np.ndarray:
+        """The queries (n, d) that an enhanced search sends to its second pass (needs an enhancer).
+
+        Inspection and evaluation: ``search(q, k)`` returns the same as
+        ``search(refine_queries(q), k, enhance=False)``.
+        """
+        with self._lock:
+            self._use_enhancer(True)
+            return self._refined(self._check_vectors(queries, "queries"))
+
     def search_text(self, query: str, k: int, *, enhance: bool | None = None) -> list[Hit]:
         """Encode ``query`` and return up to k hits (id, score, text, metadata), best first."""
         encoder = self._require_encoder("search_text")
@@ -457,13 +467,16 @@ class VectorMemory:
 
     def _search_enhanced(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """First pass top-K, refine the queries from the candidates, second pass top-k."""
-        enhancer = self.enhancer
-        big_k = min(int(enhancer.candidates), self._index.n_live)
+        return self._index.search(self._refined(q), k)[:2]
+
+    def _refined(self, q: np.ndarray) -> np.ndarray:
+        """The second pass's queries: q refined by the enhancer from its first-pass top-K."""
+        big_k = min(int(self.enhancer.candidates), self._index.n_live)
         if big_k == 0:
-            return self._index.search(q, k)[:2]
+            return q
         s1, _, slots = self._index.search(q, big_k, ef=self._candidate_ef)
         if slots.min() >= 0:  # the common case: K candidates in every row
-            return self._index.search(self._refine(q, slots, s1), k)[:2]
+            return self._refine(q, slots, s1)
         has_any = slots[:, 0] >= 0
         refined = q.copy()
         if has_any.any():
@@ -474,7 +487,7 @@ class VectorMemory:
             slots = np.take_along_axis(slots, last, axis=1)
             s1 = np.take_along_axis(s1, last, axis=1)
             refined[has_any] = self._refine(q[has_any], slots, s1)
-        return self._index.search(refined, k)[:2]
+        return refined
 
     def _refine(self, q: np.ndarray, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The enhancer's refined queries (n, d) from candidate slots and scores (n, K), checked."""
