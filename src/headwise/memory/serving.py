@@ -1,8 +1,8 @@
-"""Folded numpy plans of trained enhancers: the same refined queries in a handful of array ops.
+"""Folded numpy plans of trained enhancers: the same refined queries in about twenty numpy operations.
 
 The torch enhancers are written for training (autograd, dropout, any batch). A served
-query is one row, where ~40 small torch operations cost far more than their arithmetic
-(~15-30 µs each on this CPU). In eval mode the enhancer's affine maps compose, so
+query is one row, where the fixed cost of ~40 small torch operations outweighs their
+arithmetic. In eval mode the enhancer's affine maps compose, so
 :meth:`~headwise.memory.enhancer.QueryEnhancer.refine` runs a plan of precomputed
 matrices instead:
 
