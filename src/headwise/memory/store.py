@@ -435,28 +435,32 @@ class VectorMemory:
             q = self._check_vectors(queries, "queries")
             n = len(q)
             if not self.cache.max_size:  # no cache: no per-row bookkeeping
-                s, i_ = self._search_enhanced(q, k) if use else self._index.search(q, k)[:2]
-                self.metrics.record(op, time.perf_counter() - start, n)
-                return s, i_
-            scores = np.full((n, k), -np.inf, dtype=np.float32)
-            ids = np.full((n, k), -1, dtype=np.int64)
-            keys = [(row.tobytes(), k, use) for row in q] if self.cache.max_size else []
-            todo = []
-            for i in range(n):
-                hit = self.cache.get(keys[i]) if keys else None
-                if hit is None:
-                    todo.append(i)
-                else:
-                    scores[i], ids[i] = hit
-            if todo:
-                rows = np.asarray(todo)
-                s, i_ = self._search_enhanced(q[rows], k) if use else self._index.search(q[rows], k)[:2]
-                scores[rows], ids[rows] = s, i_
-                for j, r in enumerate(todo):
-                    if keys:
+                scores, ids = self._search_rows(q, k, use)
+            else:
+                scores = np.full((n, k), -np.inf, dtype=np.float32)
+                ids = np.full((n, k), -1, dtype=np.int64)
+                keys = [(row.tobytes(), k, use) for row in q]
+                todo = []
+                for i in range(n):
+                    hit = self.cache.get(keys[i])
+                    if hit is None:
+                        todo.append(i)
+                    else:
+                        scores[i], ids[i] = hit
+                if todo:
+                    rows = np.asarray(todo)
+                    s, i_ = self._search_rows(q[rows], k, use)
+                    scores[rows], ids[rows] = s, i_
+                    for j, r in enumerate(todo):
                         self.cache.put(keys[r], (s[j].copy(), i_[j].copy()))
             self.metrics.record(op, time.perf_counter() - start, n)
             return scores, ids
+
+    def _search_rows(self, q: np.ndarray, k: int, use_enhancer: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids (n, k) of checked queries, by the enhanced two-pass search or one pass."""
+        if use_enhancer:
+            return self._index.search(self._refined(q), k)[:2]
+        return self._index.search(q, k)[:2]
 
     def _use_enhancer(self, enhance: bool | None) -> bool:
         if enhance is None:
@@ -464,10 +468,6 @@ class VectorMemory:
         if enhance and self.enhancer is None:
             raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
         return bool(enhance)
-
-    def _search_enhanced(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """First pass top-K, refine the queries from the candidates, second pass top-k."""
-        return self._index.search(self._refined(q), k)[:2]
 
     def _refined(self, q: np.ndarray) -> np.ndarray:
         """The second pass's queries: q refined by the enhancer from its first-pass top-K."""
