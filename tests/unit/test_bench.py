@@ -122,6 +122,13 @@ def test_time_interleaved_runs_extra_rounds_for_fast_functions():
     assert len(time_interleaved(fns, repeat=3)["a"].times) == 3
 
 
+def test_time_interleaved_rotates_the_order_of_each_round():
+    order: list[str] = []
+    fns = {n: (lambda n=n: order.append(n)) for n in "abc"}
+    time_interleaved(fns, repeat=3, warmup=0)
+    assert "".join(order) == "abc" + "bca" + "cab"
+
+
 def test_kernel_goals_use_paired_ratios():
     rec = [
         {"variant": "dense", "L": 4096, "backward": False, "impl": i, "median_ms": m, "times_ms": t}

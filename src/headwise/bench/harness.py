@@ -1,7 +1,7 @@
 """Timing and memory measurement shared by every benchmark suite.
 
 Fairness on a small, possibly shared machine: all implementations of one case run
-interleaved (A B C A B C ...) in one process after a warm-up, so a burst of load hits them
+interleaved (A B C, B C A, C A B, ...) in one process after a warm-up, so a burst of load hits them
 alike; each figure is the median of ``repeat`` runs with its p95, standard deviation and
 coefficient of variation (CV). Peak memory is measured for real, in a fresh subprocess
 (``ru_maxrss`` growth on CPU, ``max_memory_allocated`` on CUDA), never estimated.
@@ -88,7 +88,7 @@ def time_interleaved(
     min_seconds: float = 0.0,
     max_rounds: int | None = None,
 ) -> dict[str, Timing]:
-    """Run every function ``warmup`` times, then rounds of one call each.
+    """Run every function ``warmup`` times, then rounds of one call each, in rotating order.
 
     At least ``repeat`` rounds; more (up to ``max_rounds``, default 5 x repeat) until the
     rounds took ``min_seconds`` in all, so fast cases get enough samples for a stable median.
@@ -102,8 +102,13 @@ def time_interleaved(
     out = {name: Timing() for name in fns}
     max_rounds = max(repeat, max_rounds if max_rounds is not None else 5 * repeat)
     start, rounds = time.perf_counter(), 0
+    names = list(fns)
     while rounds < repeat or (rounds < max_rounds and time.perf_counter() - start < min_seconds):
-        for name, fn in fns.items():
+        # Each round starts one function later, so no function always runs right after the
+        # same neighbour (whose caches, allocations and clock it would inherit).
+        shift = rounds % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             synchronize(device)
             t0 = time.perf_counter()
             fn()
