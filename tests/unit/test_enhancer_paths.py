@@ -144,3 +144,40 @@ def test_every_parameter_is_a_plan_source():
         with torch.no_grad():
             ref = enh(*(torch.from_numpy(a) for a in (q, cand, scores))).numpy()
         np.testing.assert_allclose(enh.refine(q, cand, scores), ref, atol=2e-6, rtol=0, err_msg=name)
+
+
+def test_adapted_first_pass_queries_are_the_adapter_alone_in_every_path():
+    enh = _random_enhancer(first_pass="adapted")
+    q, _, _ = _inputs()
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(q + enh.adapter(q), dim=-1).numpy()
+    np.testing.assert_allclose(MultiHeadPlan.from_enhancer(enh, np.float64).adapted(q.numpy()), ref, atol=1e-12)
+    np.testing.assert_allclose(enh.first_pass_queries(q.numpy()), ref, atol=1e-6)  # eval: the plan, float32
+    enh.train()
+    np.testing.assert_allclose(enh.first_pass_queries(q.numpy()), ref, atol=1e-6)  # training: torch
+    raw = _random_enhancer()
+    np.testing.assert_array_equal(raw.first_pass_queries(q.numpy()), q.numpy().astype(np.float32))
+    assert enh.config()["first_pass"] == "adapted"
+
+
+def test_first_pass_is_checked():
+    with pytest.raises(HeadwiseError, match="first_pass"):
+        QueryEnhancer(32, heads=4, first_pass="twice")
+    with pytest.raises(HeadwiseError, match="first_pass"):
+        QueryEnhancer(32, heads=4, mechanism="flash", first_pass="adapted")
+
+
+def test_adopted_adapter_makes_the_untrained_enhancer_the_linear_adapter():
+    ad = LinearAdapter(32).double().eval()
+    with torch.no_grad():
+        ad.linear.weight.normal_(std=0.2)
+        ad.linear.bias.normal_(std=0.2)
+    enh = QueryEnhancer(32, heads=4, candidates=5, first_pass="adapted").double().eval().adopt_adapter(ad)
+    assert not any(p.requires_grad for p in enh.adapter.parameters())
+    assert enh.attn.in_proj_weight.requires_grad and enh.mix.weight.requires_grad
+    q, cand, scores = _inputs()
+    with torch.no_grad():
+        np.testing.assert_allclose(enh(q, cand, scores).numpy(), ad(q).numpy(), atol=1e-12)
+    np.testing.assert_allclose(enh.first_pass_queries(q.numpy()), ad.refine(q.numpy()), atol=1e-6)
+    with pytest.raises(HeadwiseError, match="linear"):
+        enh.adopt_adapter(LinearAdapter(16))

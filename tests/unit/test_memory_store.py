@@ -435,6 +435,40 @@ def test_candidate_ef_sets_the_first_pass_beam_only(monkeypatch):
     assert mem.candidate_ef is None
 
 
+class AdaptedFirstPass(MeanOfCandidates):
+    """Searches its first pass with the query turned around, and records what it was asked."""
+
+    def first_pass_queries(self, queries):
+        self.calls.append(("first", queries.shape))
+        return -queries
+
+
+def test_first_pass_uses_first_pass_queries_and_candidate_free_enhancers_skip_it(monkeypatch):
+    mem = VectorMemory(DIM)
+    mem.add(rand(100, 41))
+    q = rand(3, 42)
+    enh = AdaptedFirstPass(candidates=4)
+    mem.set_enhancer(enh)
+    passes = []
+    real = mem._index.search
+    monkeypatch.setattr(mem._index, "search", lambda x, k, ef=None: passes.append(x.copy()) or real(x, k, ef=ef))
+    mem.search(q, k=3)
+    assert enh.calls[0] == ("first", (3, DIM)) and len(passes) == 2
+    np.testing.assert_allclose(passes[0], -q / np.linalg.norm(q, axis=1, keepdims=True), rtol=1e-6)
+
+    class QueryOnly:
+        candidates, uses_candidates = 1, False
+
+        def refine(self, queries, cand_vectors=None, cand_scores=None):
+            assert cand_vectors is None and cand_scores is None
+            return 2 * queries
+
+    mem.set_enhancer(QueryOnly())
+    passes.clear()
+    mem.search(q, k=3)
+    assert len(passes) == 1  # no first pass: the refine needs no candidates
+
+
 def test_refine_queries_needs_an_enhancer():
     mem = VectorMemory(DIM)
     mem.add(rand(10))

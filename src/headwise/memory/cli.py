@@ -20,7 +20,7 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -148,8 +148,16 @@ def train(
     eval_every: Annotated[int, typer.Option()] = 100,
     patience: Annotated[int, typer.Option()] = 4,
     seed: Annotated[int, typer.Option()] = 0,
+    adapter_from: Annotated[
+        str | None,
+        typer.Option(
+            help="a trained linear model in DIR/models (e.g. linear): the attention enhancers start from its "
+            "adapter, frozen, and take their first-pass candidates from the adapted query"
+        ),
+    ] = None,
 ) -> None:
     """Train enhancers with InfoNCE over the whole corpus plus kNN-mined hard negatives; save the best."""
+    from headwise.memory.enhancer import LinearAdapter, load_enhancer
     from headwise.memory.train import TrainConfig, TrainData, make_model
     from headwise.memory.train import train as run_training
 
@@ -160,18 +168,37 @@ def train(
             steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, hard_weight=hard_weight,
             eval_every=eval_every, patience=patience, seed=seed,
         )  # fmt: skip
-        with console.status("mining first-pass candidates and hard negatives (exact kNN)"):
-            data = TrainData.build(
-                docs, queries, ds.relevant, ds.split["train"], ds.split["validation"], k=candidates,
-                hard_negatives=cfg.hard_negatives,
-            )  # fmt: skip
+        adapter = None
+        if adapter_from is not None:
+            if adapter_from in names:
+                raise bad_argument("--adapter-from", "a model trained before this command", repr(adapter_from))
+            adapter = load_enhancer(dir / "models" / adapter_from)
+            if not isinstance(adapter, LinearAdapter):
+                raise bad_argument("--adapter-from", "the name of a trained linear adapter", type(adapter).__name__)
+        datasets: dict[str, TrainData] = {}
+
+        def data_for(model: Any) -> TrainData:
+            first = getattr(model, "first_pass", "raw")
+            if first not in datasets:
+                fq = model.first_pass_queries(queries) if first != "raw" else None
+                with console.status(f"mining {first} first-pass candidates and hard negatives (exact kNN)"):
+                    datasets[first] = TrainData.build(
+                        docs, queries, ds.relevant, ds.split["train"], ds.split["validation"], k=candidates,
+                        hard_negatives=cfg.hard_negatives, first_queries=fq,
+                    )  # fmt: skip
+            return datasets[first]
     except HeadwiseError as exc:
         _fail(exc)
     table = Table(title=f"trained on {manifest['name']}: {len(ds.split['train']):,} queries")
-    for col in ("method", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
+    for col in ("method", "first pass", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
         table.add_column(col, justify="right")
     for name in names:
-        model = make_model(name, docs.shape[1], heads=heads, candidates=candidates, seed=seed)
+        attention = name != "linear" and adapter is not None
+        model = make_model(name, docs.shape[1], heads=heads, candidates=candidates, seed=seed,
+                           first_pass="adapted" if attention else "raw")  # fmt: skip
+        if attention:
+            model.adopt_adapter(adapter)
+        data = data_for(model)
         t0 = time.perf_counter()
         cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*cols, console=console, transient=True) as bar:
@@ -187,7 +214,8 @@ def train(
                    "seconds": time.perf_counter() - t0, "command": _command(ctx)}  # fmt: skip
         write_atomic(where / "history.json", json.dumps(history, indent=2))
         table.add_row(
-            name, f"{hist.records[0]['val_recall@10']:.4f}", f"{hist.best_recall:.4f}", str(hist.best_step),
+            name, getattr(model, "first_pass", "-"), f"{hist.records[0]['val_recall@10']:.4f}",
+            f"{hist.best_recall:.4f}", str(hist.best_step),
             str(hist.records[-1]["step"]), f"{history['seconds']:.0f}",
         )  # fmt: skip
     console.print(table)

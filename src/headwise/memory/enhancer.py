@@ -56,6 +56,7 @@ from headwise.memory.serving import LinearPlan, MultiHeadPlan
 from headwise.modules import HyperbolicAttention, MoEAttention, MultiHeadAttention
 
 MECHANISMS = ("multi-head", "hyperbolic", "moe", "flash")
+FIRST_PASSES = ("raw", "adapted")
 WEIGHTS_FILE, CONFIG_FILE = "enhancer.safetensors", "enhancer.json"
 
 
@@ -228,10 +229,22 @@ class QueryEnhancer(_Enhancer):
         heads: attention heads (MoE: experts x heads_per_expert = heads, 4 experts).
         candidates: K, the first-pass neighbours the store hands to :meth:`refine` (flash: 1, unused).
         dropout: dropout on candidate tokens while training.
+        first_pass: what the store's first pass searches with (:meth:`first_pass_queries`):
+            "raw", the query itself, or "adapted", ``normalize(q + A q + a)`` with this
+            enhancer's adapter. With "adapted" the adapter is meant to be trained first (a
+            :class:`LinearAdapter`, see :meth:`adopt_adapter`) and frozen, so that the
+            candidates the read-out is trained on are the ones it is served.
     """
 
     def __init__(
-        self, dim: int, *, mechanism: str = "multi-head", heads: int = 8, candidates: int = 32, dropout: float = 0.0
+        self,
+        dim: int,
+        *,
+        mechanism: str = "multi-head",
+        heads: int = 8,
+        candidates: int = 32,
+        dropout: float = 0.0,
+        first_pass: str = "raw",
     ):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -246,7 +259,11 @@ class QueryEnhancer(_Enhancer):
             raise bad_argument("candidates", "an integer >= 1", repr(candidates))
         if not 0 <= dropout < 1:
             raise bad_argument("dropout", "a number in [0, 1)", repr(dropout))
+        if first_pass not in FIRST_PASSES or (first_pass != "raw" and mechanism == "flash"):
+            allowed = ("raw",) if mechanism == "flash" else FIRST_PASSES
+            raise bad_argument("first_pass", f"one of {allowed} for mechanism {mechanism!r}", repr(first_pass))
         self.dim, self.mechanism, self.heads, self.candidates, self.dropout = dim, mechanism, heads, candidates, dropout
+        self.first_pass = first_pass
         self.uses_candidates = mechanism != "flash"
         self.adapter = nn.Linear(dim, dim)
         self.mix = nn.Linear(dim, dim)
@@ -280,7 +297,35 @@ class QueryEnhancer(_Enhancer):
             "heads": self.heads,
             "candidates": self.candidates,
             "dropout": self.dropout,
+            "first_pass": self.first_pass,
         }
+
+    def first_pass_queries(self, queries: Any) -> np.ndarray:
+        """The queries (n, d) float32 that the store's first pass searches with (see ``first_pass``)."""
+        q = _as_array(queries, "queries", 2, self.dim)
+        if self.first_pass == "raw":
+            return q
+        plan = None if self.training else self.serving_plan()
+        if plan is not None:
+            return plan.adapted(q).astype(np.float32, copy=False)
+        with torch.no_grad():
+            t = _as_tensor(q).to(self.adapter.weight.dtype)
+            return F.normalize(t + self.adapter(t), dim=-1).float().numpy()
+
+    def adopt_adapter(self, linear: LinearAdapter, *, freeze: bool = True) -> QueryEnhancer:
+        """Copy a trained :class:`LinearAdapter` into this enhancer's adapter (frozen by default). Returns self.
+
+        Untrained, the enhancer then returns exactly the linear adapter's queries (its read-out
+        enters through a zero-initialised projection), so training the read-out on top can only
+        add to what the adapter found.
+        """
+        if not isinstance(linear, LinearAdapter) or linear.dim != self.dim:
+            raise bad_argument("linear", f"a LinearAdapter of dim {self.dim}", linear)
+        with torch.no_grad():
+            self.adapter.weight.copy_(linear.linear.weight)
+            self.adapter.bias.copy_(linear.linear.bias)
+        self.adapter.requires_grad_(not freeze)
+        return self
 
     def _plan_sources(self) -> tuple[Tensor, ...]:
         return MultiHeadPlan.sources(self) if self.mechanism == "multi-head" else ()

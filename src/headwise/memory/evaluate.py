@@ -119,7 +119,8 @@ def knn_retriever(docs: np.ndarray) -> Retriever:
 
 
 def enhanced_retriever(docs: np.ndarray, enhancer: Any, *, batch: int = 1024) -> Retriever:
-    """First pass of ``enhancer.candidates`` neighbours, ``refine``, then a second exact pass."""
+    """First pass of ``enhancer.candidates`` neighbours (of ``first_pass_queries`` when the
+    enhancer has them), ``refine``, then a second exact pass; as :class:`VectorMemory` does."""
     index = flat_index(docs)
 
     def run(q: np.ndarray, k: int) -> np.ndarray:
@@ -127,7 +128,8 @@ def enhanced_retriever(docs: np.ndarray, enhancer: Any, *, batch: int = 1024) ->
         for s in range(0, len(q), batch):
             qb = q[s : s + batch]
             if getattr(enhancer, "uses_candidates", True):
-                scores, ids = exact_search(index, qb, enhancer.candidates)
+                first = enhancer.first_pass_queries(qb) if hasattr(enhancer, "first_pass_queries") else qb
+                scores, ids = exact_search(index, first, enhancer.candidates)
                 refined = enhancer.refine(qb, docs[ids], scores)
             else:
                 refined = enhancer.refine(qb)

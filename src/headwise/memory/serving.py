@@ -145,6 +145,11 @@ class MultiHeadPlan:
                 top_weight=_np(sf_w[:, 1], dtype),
             )
 
+    def adapted(self, q: np.ndarray) -> np.ndarray:
+        """normalize(q + A q + a) (n, d): the adapter alone, the first half of ``in_matrix``."""
+        d = q.shape[1]
+        return _normalize(q @ self.in_matrix[:, :d] + self.in_bias[:d])  # a column slice: BLAS reads it in place
+
     def refine(self, q: np.ndarray, cand: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """q (n, d), cand (n, K, d), scores (n, K) -> refined queries (n, d), L2-normalised."""
         n, K, d = cand.shape

@@ -30,7 +30,10 @@ With an enhancer (``set_enhancer``), a search takes the top-K candidates (K =
 ``enhancer.candidates``), lets the enhancer refine the queries from the candidates'
 vectors and scores, and searches again with the refined queries. On HNSW the first pass
 may use a narrower beam (``candidate_ef``) than the second: it only gathers the enhancer's
-inputs, while the second pass returns the answer.
+inputs, while the second pass returns the answer. The first pass searches with
+``enhancer.first_pass_queries(q)`` where the enhancer has that method (an adapted query
+finds better candidates than the raw one), else with q; an enhancer whose
+``uses_candidates`` is False gets no first pass at all.
 
 Shapes: n queries, d = ``dim``, k results, K candidates -> scores (n, k) float32, ids (n, k) int64;
 the enhancer sees queries (n, d), candidate vectors (n, K, d), candidate scores (n, K).
@@ -49,7 +52,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -63,6 +65,7 @@ import numpy as np
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.cache import ResultCache
+from headwise.memory.checks import as_ids, check_metadata, check_positive_int, check_texts, normalise_rows
 from headwise.memory.encoder import TextEncoder
 from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
 from headwise.memory.layout import (
@@ -131,14 +134,14 @@ class VectorMemory:
         cache_size: int = 0,
         cache_ttl: float | None = None,
     ) -> None:
-        _check_positive_int("dim", dim)
+        check_positive_int("dim", dim)
         if metric not in METRICS:
             raise bad_argument("metric", f"one of {METRICS}", repr(metric))
         if index not in INDEX_KINDS:
             raise bad_argument("index", f"one of {INDEX_KINDS}", repr(index))
-        _check_positive_int("hnsw_m", hnsw_m, minimum=2)
-        _check_positive_int("ef_construction", ef_construction)
-        _check_positive_int("ef_search", ef_search)
+        check_positive_int("hnsw_m", hnsw_m, minimum=2)
+        check_positive_int("ef_construction", ef_construction)
+        check_positive_int("ef_search", ef_search)
         cache = ResultCache(cache_size, cache_ttl)
         config = {
             "dim": str(dim),
@@ -277,7 +280,7 @@ class VectorMemory:
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        _check_positive_int("ef_search", value)
+        check_positive_int("ef_search", value)
         with self._lock:
             self._index.ef_search = value
             self.cache.clear()
@@ -294,7 +297,7 @@ class VectorMemory:
     @candidate_ef.setter
     def candidate_ef(self, value: int | None) -> None:
         if value is not None:
-            _check_positive_int("candidate_ef", value)
+            check_positive_int("candidate_ef", value)
         with self._lock:
             self._candidate_ef = None if value is None else int(value)
             self.cache.clear()
@@ -318,8 +321,8 @@ class VectorMemory:
             x = self._check_vectors(vectors, "vectors")
             n = len(x)
             id_arr = self._check_new_ids(ids, n)
-            meta = _check_metadata(metadata, n)
-            txt = _check_texts(texts, n)
+            meta = check_metadata(metadata, n)
+            txt = check_texts(texts, n)
             if n:
                 seqs = self._db.insert(id_arr, x, meta, txt)
                 self._index.add(seqs, id_arr, x)
@@ -337,7 +340,7 @@ class VectorMemory:
 
     def delete(self, ids: Any) -> int:
         """Delete the records of ``ids`` (absent ids are ignored); returns how many were deleted."""
-        id_arr = _as_ids(ids, "ids")
+        id_arr = as_ids(ids, "ids")
         with self._lock:
             seqs = self._db.delete(id_arr) if len(id_arr) else np.empty(0, dtype=np.int64)
             if len(seqs):
@@ -400,14 +403,14 @@ class VectorMemory:
 
     def get(self, ids: Any) -> list[Record | None]:
         """The record of each id (vector, metadata, text), None where the id is not stored."""
-        id_arr = _as_ids(ids, "ids")
+        id_arr = as_ids(ids, "ids")
         with self._lock:
             rows = self._db.fetch_records(id_arr)
         return [None if r is None else Record(int(i), *r) for i, r in zip(id_arr, rows)]
 
     def vectors(self, ids: Any) -> np.ndarray:
         """Stored vectors (n, d) float32 of ``ids`` (normalised for "cosine"); HeadwiseError if one is absent."""
-        id_arr = _as_ids(ids, "ids")
+        id_arr = as_ids(ids, "ids")
         with self._lock:
             return self._db.fetch_vectors(id_arr, self.dim)
 
@@ -471,10 +474,14 @@ class VectorMemory:
 
     def _refined(self, q: np.ndarray) -> np.ndarray:
         """The second pass's queries: q refined by the enhancer from its first-pass top-K."""
-        big_k = min(int(self.enhancer.candidates), self._index.n_live)
+        enh = self.enhancer
+        if not getattr(enh, "uses_candidates", True):
+            return self._refine(q, None, None)
+        big_k = min(int(enh.candidates), self._index.n_live)
         if big_k == 0:
             return q
-        s1, _, slots = self._index.search(q, big_k, ef=self._candidate_ef)
+        first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
+        s1, _, slots = self._index.search(first, big_k, ef=self._candidate_ef)
         if slots.min() >= 0:  # the common case: K candidates in every row
             return self._refine(q, slots, s1)
         has_any = slots[:, 0] >= 0
@@ -489,18 +496,21 @@ class VectorMemory:
             refined[has_any] = self._refine(q[has_any], slots, s1)
         return refined
 
-    def _refine(self, q: np.ndarray, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """The enhancer's refined queries (n, d) from candidate slots and scores (n, K), checked."""
-        cand = self._index.reconstruct(slots)  # (n, K, d)
+    def _refine(self, q: np.ndarray, slots: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
+        """The enhancer's refined queries (n, d) from candidate slots and scores (n, K), checked.
+
+        ``slots`` None: the enhancer ignores candidates and is called with the queries alone.
+        """
+        args = (q,) if slots is None else (q, self._index.reconstruct(slots), scores)  # candidates (n, K, d)
         start = time.perf_counter()
-        out = np.asarray(self.enhancer.refine(q, cand, scores), dtype=np.float32)
+        out = np.asarray(self.enhancer.refine(*args), dtype=np.float32)
         self.metrics.record("refine", time.perf_counter() - start, len(q))
         if out.shape != (len(q), self.dim) or not np.isfinite(out).all():
             raise HeadwiseError(
                 f"enhancer.refine: expected finite queries of shape {(len(q), self.dim)}, got shape "
                 f"{out.shape} (finite: {bool(np.isfinite(out).all())})"
             )
-        return _normalise(out, "enhancer.refine output") if self.metric == "cosine" else out
+        return normalise_rows(out, "enhancer.refine output") if self.metric == "cosine" else out
 
     # ------------------------------------------------------------------ validation
     def _check_vectors(self, vectors: Any, name: str) -> np.ndarray:
@@ -516,13 +526,13 @@ class VectorMemory:
         if bad.any():
             raise bad_argument(name, "finite values", f"NaN or Inf in rows {np.flatnonzero(bad)[:10].tolist()}")
         if self.metric == "cosine":
-            return _normalise(x, name)
+            return normalise_rows(x, name)
         return np.ascontiguousarray(x)
 
     def _check_new_ids(self, ids: Any, n: int) -> np.ndarray:
         if ids is None:
             return self._db.next_ids(n)
-        id_arr = _as_ids(ids, "ids")
+        id_arr = as_ids(ids, "ids")
         if len(id_arr) != n:
             raise bad_argument("ids", f"{n} ids (one per vector)", f"{len(id_arr)}")
         uniq, counts = np.unique(id_arr, return_counts=True)
@@ -537,57 +547,3 @@ class VectorMemory:
         if self.encoder is None:
             raise HeadwiseError(f"{what}: expected a VectorMemory with an encoder (encoder=...), got none")
         return self.encoder
-
-
-# ---------------------------------------------------------------------- helpers
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
-        raise bad_argument(name, f"an int >= {minimum}", repr(value))
-
-
-def _normalise(x: np.ndarray, name: str) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = norms[:, 0] == 0
-    if zero.any():
-        raise bad_argument(
-            name, "non-zero vectors for metric 'cosine'", f"zero rows {np.flatnonzero(zero)[:10].tolist()}"
-        )
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
-
-
-def _as_ids(ids: Any, name: str) -> np.ndarray:
-    arr = np.asarray(ids)
-    if arr.ndim == 0:
-        arr = arr[None]
-    if arr.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise bad_argument(name, "a 1-d sequence of ints", f"dtype {arr.dtype}, shape {arr.shape}")
-    if (arr < 0).any():
-        raise bad_argument(name, "ids >= 0 (-1 marks a missing result)", f"{arr[arr < 0][:10].tolist()}")
-    return arr.astype(np.int64)
-
-
-def _check_metadata(metadata: Sequence[Any] | None, n: int) -> list[str | None]:
-    if metadata is None:
-        return [None] * n
-    if isinstance(metadata, dict | str) or len(metadata) != n:
-        raise bad_argument("metadata", f"a sequence of {n} JSON values (one per vector)", type(metadata).__name__)
-    out: list[str | None] = []
-    for i, m in enumerate(metadata):
-        try:
-            out.append(None if m is None else json.dumps(m, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise bad_argument(f"metadata[{i}]", "a JSON-serialisable value", f"{m!r} ({exc})") from exc
-    return out
-
-
-def _check_texts(texts: Sequence[str | None] | None, n: int) -> list[str | None]:
-    if texts is None:
-        return [None] * n
-    if isinstance(texts, str) or len(texts) != n:
-        raise bad_argument("texts", f"a sequence of {n} str or None", type(texts).__name__)
-    for i, t in enumerate(texts):
-        if t is not None and not isinstance(t, str):
-            raise bad_argument(f"texts[{i}]", "a str or None", type(t).__name__)
-    return list(texts)

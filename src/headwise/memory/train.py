@@ -6,7 +6,8 @@ cross entropy towards its relevant document (the highest-graded one). On top, a 
 term over the positive and the query's hardest negatives, mined once by exact kNN of the raw
 query (the first-pass candidates that are not relevant), weighted by ``hard_weight``.
 
-Candidates given to the attention stage are the raw query's exact top-K, exactly what the store
+Candidates given to the attention stage are the exact top-K of the first-pass queries (the raw
+query, or the enhancer's adapted query with ``first_pass="adapted"``), exactly what the store
 hands to ``refine`` at search time. Early stopping keeps the weights with the best validation
 recall@10 (second-pass retrieval over the whole corpus). Batches, initialisation and dropout are
 drawn from ``seed``: two runs with one seed give the same weights.
@@ -84,8 +85,13 @@ class TrainData:
         *,
         k: int = 32,
         hard_negatives: int = 16,
+        first_queries: np.ndarray | None = None,
     ) -> TrainData:
-        """Mine the first-pass candidates (exact top-``k``) and hard negatives of every query."""
+        """Mine the first-pass candidates (exact top-``k``) and hard negatives of every query.
+
+        ``first_queries`` (Q, d): what the first pass searches with (an enhancer's
+        ``first_pass_queries``; default the queries themselves).
+        """
         from headwise.memory.evaluate import exact_search
 
         if len(queries) != len(relevant):
@@ -94,7 +100,10 @@ class TrainData:
             raise bad_argument("train_idx, val_idx", "non-empty index arrays", (len(train_idx), len(val_idx)))
         depth = max(k, hard_negatives + 1)
         depth = min(depth + max(len(r) for r in relevant), len(docs))
-        scores, ids = exact_search(docs, queries, depth)
+        first = queries if first_queries is None else first_queries
+        if first.shape != queries.shape:
+            raise bad_argument("first_queries", f"an array of shape {queries.shape}", first.shape)
+        scores, ids = exact_search(docs, first, depth)
         hard = np.zeros((len(queries), hard_negatives), dtype=np.int64)
         for i, rel in enumerate(relevant):
             negs = [d for d in ids[i] if d not in rel][:hard_negatives]
@@ -228,9 +237,11 @@ def _train(
     return hist
 
 
-def make_model(name: str, dim: int, *, heads: int = 8, candidates: int = 32, seed: int = 0) -> torch.nn.Module:
+def make_model(
+    name: str, dim: int, *, heads: int = 8, candidates: int = 32, seed: int = 0, first_pass: str = "raw"
+) -> torch.nn.Module:
     """``"linear"`` or an enhancer mechanism name, initialised from ``seed``."""
     torch.manual_seed(seed)
     if name == "linear":
         return LinearAdapter(dim)
-    return QueryEnhancer(dim, mechanism=name, heads=heads, candidates=candidates)
+    return QueryEnhancer(dim, mechanism=name, heads=heads, candidates=candidates, first_pass=first_pass)
