@@ -78,9 +78,9 @@ def test_cli_compare_exits_nonzero_on_regression(tmp_path):
 
 def test_module_suite_writes_one_record_per_case_and_implementation():
     result = run_modules(repeat=2, L=16, L_gqa=16, embed=32, heads=4, batch=2)
-    assert len(result["rows"]) == 7  # 3 weight modes x (inference, autograd on) + GQA
+    assert len(result["rows"]) == 8  # 3 weight modes x (inference, autograd on) + GQA prefill + GQA decode
     impls = {(r["case"], r["impl"]) for r in result["records"]}
-    assert len(result["records"]) == 14 == len(impls)
+    assert len(result["records"]) == 16 == len(impls)
     for r in result["records"]:
         assert r["median_ms"] > 0
         assert r["p99_ms"] >= r["median_ms"] and r["throughput_per_s"] > 0
