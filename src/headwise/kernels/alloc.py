@@ -1,10 +1,10 @@
 """Large CPU result tensors on transparent huge pages.
 
-A fresh tensor is page-faulted in on first touch. For the L x S weights of
-``need_weights`` that is the dominant cost: 134 MB of (4, 8, 1024, 1024) float32 weights
-take ~70 ms to fault in as 4 KiB pages and ~18 ms as 2 MiB pages on the 2-core reference
-machine (a fill of already-mapped memory takes ~7 ms). torch's CPU allocator asks for huge
-pages only when the process starts with ``THP_MEM_ALLOC_ENABLE=1``; :func:`empty_large`
+A fresh tensor is page-faulted in on first touch, one 4 KiB page (a trap and a zeroing) at a
+time. For the L x S weights of ``need_weights`` (134 MB for (4, 8, 1024, 1024) float32) that
+costs several times a fill of memory that is already mapped; with 2 MiB pages there are
+512x fewer faults. torch's CPU allocator asks for huge pages only when the process starts
+with ``THP_MEM_ALLOC_ENABLE=1``; :func:`empty_large`
 asks for them for one tensor: an anonymous ``mmap`` with ``madvise(MADV_HUGEPAGE)``,
 wrapped by ``torch.frombuffer`` (the tensor owns the mapping; it is unmapped when the
 tensor's storage is freed).
