@@ -11,7 +11,7 @@ from torch import Tensor
 
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.kernels.base import AttentionOutput, Request
-from headwise.kernels.registry import choose
+from headwise.kernels.registry import run
 from headwise.masks import Mask, MaskFn, as_mask
 from headwise.scores import Score, ScoreFn, as_score
 
@@ -57,8 +57,10 @@ def attend(
             "mean" returns their average over the heads, (B, L, S), reduced chunk by chunk
             so the per-head weights never exist at once (torch's ``average_attn_weights``).
         need_stats: also return per-row entropy and max weight, computed while streaming.
-        backend: "auto" (cheapest backend that serves the call), "reference", "tiled",
-            "sdpa" or "flex". ``AttentionOutput.backend`` says which ran.
+        backend: "auto" (the backend estimated fastest; a recurring forward-only call is
+            measured on its close contenders and then runs the fastest, see
+            :mod:`headwise.kernels.registry`), "reference", "eager", "tiled", "sdpa" or "flex".
+            ``AttentionOutput.backend`` says which ran.
         check_finite: True raises :class:`HeadwiseError` naming q, k or v if it holds NaN
             or Inf (one reduction per tensor and a host sync, which on CUDA stalls the
             stream: a debugging aid, off by default). False lets non-finite values through
@@ -79,7 +81,7 @@ def attend(
         raise bad_argument("backend", "a backend name (str)", type(backend).__name__)
     if check_finite:
         _check_finite(q, k, v)
-    return choose(req, backend).run(req)
+    return run(req, backend)
 
 
 def _check_finite(q: Tensor, k: Tensor, v: Tensor) -> None:

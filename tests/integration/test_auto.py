@@ -144,6 +144,58 @@ def test_auto_considers_flex_only_for_large_calls(patched_costs):
         assert choose(_request(q, *large[1:]), "auto").name != "flex"  # no backward on CPU
 
 
+@pytest.fixture
+def slowed(monkeypatch):
+    """Make chosen backends' run() slower by a fixed sleep (their results stay exact)."""
+
+    def patch(delays):
+        import time as _time
+
+        for name, delay in delays.items():
+            b = get_backend(name)
+            real = b.run
+            monkeypatch.setattr(b, "run", lambda req, real=real, delay=delay: (_time.sleep(delay), real(req))[1])
+
+    return patch
+
+
+def test_auto_measures_a_recurring_problem_and_settles_on_the_fastest(patched_costs, slowed):
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16)
+    # The estimates favour sdpa, but tiled (within the margin) is measurably faster; eager is
+    # estimated far slower and never measured; the reference is never a contender.
+    patched_costs({"sdpa": 1.0, "tiled": 1.5, "eager": 10.0, "flex": 10.0, "reference": 1.2})
+    slowed({"sdpa": 0.02})
+    ran = [attend(q, k, v).backend for _ in range(9)]
+    assert ran[:2] == ["sdpa", "sdpa"]  # first calls: the estimate
+    assert sorted(ran[2:6]) == ["sdpa", "sdpa", "tiled", "tiled"]  # measured twice each
+    assert ran[6:] == ["tiled"] * 3  # settled
+    assert registry.settled_choice(_request(q, k, v)) == "tiled"
+    assert choose(_request(q, k, v), "auto").name == "tiled"
+    gold = attend(q, k, v, backend="reference").out
+    assert torch.allclose(attend(q, k, v).out, gold, atol=1e-5)
+
+
+def test_auto_keeps_the_estimate_under_autograd_and_when_told(patched_costs, slowed):
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16)
+    patched_costs({"sdpa": 0.5, "tiled": 0.7, "flex": 10.0})
+    slowed({"sdpa": 0.01})
+    qg = q.clone().requires_grad_()
+    assert {attend(qg, k, v).backend for _ in range(8)} == {"sdpa"}  # backward happens out of sight
+    assert registry.settled_choice(_request(qg, k, v)) is None
+    registry.set_auto_exploration(False)
+    try:
+        assert {attend(q, k, v).backend for _ in range(8)} == {"sdpa"}
+    finally:
+        registry.set_auto_exploration(True)
+
+
+def test_auto_with_one_close_contender_never_measures(patched_costs):
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16)
+    patched_costs({"sdpa": 0.1})  # every other backend: 1 s, 10x the estimate, outside the margin
+    assert {attend(q, k, v).backend for _ in range(8)} == {"sdpa"}
+    assert registry.settled_choice(_request(q, k, v)) is None
+
+
 def test_custom_backend_registration(monkeypatch):
     class Doubling(Backend):
         name = "doubling"

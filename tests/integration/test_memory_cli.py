@@ -53,6 +53,19 @@ def test_train_eval_search(workdir, tmp_path):
     assert set(data["latency"]["knn"]) >= {"p50_us", "batch_qps"}
     assert data["command"].startswith(f"headwise memory eval --dir {workdir} --method knn,linear,multi-head")
     assert f"Command: `{data['command']}`" in out.with_suffix(".md").read_text()
+    # The attention stage on top of the trained linear adapter (frozen; its top-K as candidates).
+    res = invoke("train", "--dir", str(workdir), "--method", "multi-head", "--steps", "10", "--eval-every", "5",
+                 "--batch-size", "32", "--candidates", "8", "--adapter-from", "linear")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((workdir / "models" / "multi-head" / "enhancer.json").read_text())
+    assert cfg["first_pass"] == "adapted"
+    hist = json.loads((workdir / "models" / "multi-head" / "history.json").read_text())
+    linear = json.loads((workdir / "models" / "linear" / "history.json").read_text())
+    # Untrained, the read-out adds nothing: step 0 is the linear adapter's best validation recall.
+    assert hist["records"][0]["val_recall@10"] == pytest.approx(max(r["val_recall@10"] for r in linear["records"]))
+    assert hist["records"][-1]["step"] >= 5
+    bad = invoke("train", "--dir", str(workdir), "--method", "multi-head", "--adapter-from", "knn", "--steps", "1")
+    assert bad.exit_code == 2 and "adapter-from" in bad.output
     res = invoke("search", "--dir", str(workdir), "--method", "multi-head", "--k", "3", "a living thing")
     assert res.exit_code == 0, res.output
     assert "knn" in res.output and "multi-head" in res.output

@@ -172,9 +172,11 @@ def train(
         if adapter_from is not None:
             if adapter_from in names:
                 raise bad_argument("--adapter-from", "a model trained before this command", repr(adapter_from))
-            adapter = load_enhancer(dir / "models" / adapter_from)
+            found = dir / "models" / adapter_from
+            adapter = load_enhancer(found) if (found / "enhancer.json").is_file() else None
             if not isinstance(adapter, LinearAdapter):
-                raise bad_argument("--adapter-from", "the name of a trained linear adapter", type(adapter).__name__)
+                got = type(adapter).__name__ if adapter is not None else f"no model in {found}"
+                raise bad_argument("--adapter-from", "the name of a trained linear adapter in DIR/models", got)
         datasets: dict[str, TrainData] = {}
 
         def data_for(model: Any) -> TrainData:
@@ -190,7 +192,9 @@ def train(
     except HeadwiseError as exc:
         _fail(exc)
     table = Table(title=f"trained on {manifest['name']}: {len(ds.split['train']):,} queries")
-    for col in ("method", "first pass", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
+    if adapter is not None:
+        table.caption = f"* on top of {adapter_from!r}'s adapter (frozen), its top-K as candidates"
+    for col in ("method", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
         table.add_column(col, justify="right")
     for name in names:
         attention = name != "linear" and adapter is not None
@@ -214,7 +218,7 @@ def train(
                    "seconds": time.perf_counter() - t0, "command": _command(ctx)}  # fmt: skip
         write_atomic(where / "history.json", json.dumps(history, indent=2))
         table.add_row(
-            name, getattr(model, "first_pass", "-"), f"{hist.records[0]['val_recall@10']:.4f}",
+            name + ("*" if attention else ""), f"{hist.records[0]['val_recall@10']:.4f}",
             f"{hist.best_recall:.4f}", str(hist.best_step),
             str(hist.records[-1]["step"]), f"{history['seconds']:.0f}",
         )  # fmt: skip
