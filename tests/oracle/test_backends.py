@@ -644,3 +644,36 @@ def test_mean_weights_are_refused_by_fused_backends_and_bad_values_rejected():
             attend(q, k, v, need_weights="mean", backend=backend)
     with pytest.raises(HeadwiseError, match="need_weights: expected a bool or \"mean\", got 'avg'"):
         attend(q, k, v, need_weights="avg")
+
+
+# ---------------------------------------------------------------------------------------
+# Eager under autograd without score or dropout: a hand-written backward (eager._WeightsFunction)
+# that also takes the gradient of the returned weights.
+
+
+@pytest.mark.parametrize("need_weights", [True, "mean"])
+@pytest.mark.parametrize("mask_name", ["none", "causal", "padding_empty_rows", "window"])
+@pytest.mark.parametrize("hkv", [4, 2, 1], ids=lambda h: f"4/{h}")
+def test_eager_weights_backward_equals_the_reference_and_gradcheck(hkv, mask_name, need_weights):
+    from headwise import padding, sliding_window
+
+    mask = {"none": None, "causal": causal, "padding_empty_rows": padding([0, 7]), "window": sliding_window(3)}[
+        mask_name
+    ]
+    g = torch.Generator().manual_seed(hkv)
+    q = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, hkv, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, hkv, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def loss(backend):
+        r = attend(q, k, v, mask=mask, need_weights=need_weights, backend=backend)
+        return r.out.sin().sum() + 3 * r.weights.square().sum(), r
+
+    got, res = loss("eager")
+    assert type(res.out.grad_fn).__name__ == "_WeightsFunctionBackward"
+    want, ref = loss("reference")
+    torch.testing.assert_close(res.lse, ref.lse, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v)), torch.autograd.grad(want, (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    fn = lambda q, k, v: attend(q, k, v, mask=mask, need_weights=need_weights, backend="eager")  # noqa: E731
+    assert torch.autograd.gradcheck(lambda q, k, v: (fn(q, k, v).out, fn(q, k, v).weights), (q, k, v))

@@ -181,3 +181,17 @@ def test_adopted_adapter_makes_the_untrained_enhancer_the_linear_adapter():
     np.testing.assert_allclose(enh.first_pass_queries(q.numpy()), ad.refine(q.numpy()), atol=1e-6)
     with pytest.raises(HeadwiseError, match="linear"):
         enh.adopt_adapter(LinearAdapter(16))
+
+
+def test_refine_reuses_the_adapted_queries_of_the_first_pass_only_for_the_same_queries():
+    enh = _random_enhancer(first_pass="adapted")
+    q, cand, scores = (t.numpy() for t in _inputs())
+    plan = MultiHeadPlan.from_enhancer(enh, np.float64)
+    fresh = MultiHeadPlan.from_enhancer(enh, np.float64).refine(q, cand, scores)
+    plan.adapted(q)
+    np.testing.assert_allclose(plan.refine(q, cand, scores), fresh, atol=1e-12, rtol=0)
+    other = q[::-1].copy()
+    plan.adapted(q)
+    np.testing.assert_allclose(plan.refine(other, cand, scores), plan.refine(other, cand, scores), atol=0)
+    expected = MultiHeadPlan.from_enhancer(enh, np.float64).refine(other, cand, scores)
+    np.testing.assert_allclose(plan.refine(other, cand, scores), expected, atol=1e-12, rtol=0)

@@ -197,6 +197,6 @@ def run_case(case: Case, repeat: int, device: str = "cpu", impls=IMPLS) -> dict[
                 return attend(q, k, v, backend="tiled").out
 
         fns["tiled, no stats"] = plain
-    # Fast cases run more rounds (up to 5x repeat, ~3 s in all): their medians are the noisiest.
-    timings = time_interleaved(fns, repeat=repeat, warmup=1, device=device, min_seconds=3.0)
+    # Fast cases run more rounds (up to 10x repeat, ~6 s in all): their medians are the noisiest.
+    timings = time_interleaved(fns, repeat=repeat, warmup=1, device=device, min_seconds=6.0, max_rounds=10 * repeat)
     return {**timings, **skipped}

@@ -177,7 +177,7 @@ def to_markdown(result: dict, command: str) -> str:
         f"measured matmul peak {peak} GFLOP/s; load average at start {info['load_average_at_start']:.2f}.",
         "",
         f"B=1, H=8, d=64, float32. Median of at least {result['repeat']} interleaved rounds after one "
-        "warm-up (fast cases run more rounds, up to 5x, until ~3 s); "
+        "warm-up (fast cases run more rounds, up to 10x, until ~6 s; rounds rotate their order); "
         "mean, p50, p95, p99, CV% (flagged `!` above 10%), throughput in query tokens per second, "
         "useful GFLOP/s (4*B*H*pairs*d, x3.5 with backward) "
         "and % of the matmul peak. `vs best` = the median over rounds of this time / the fastest "

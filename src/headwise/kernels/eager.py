@@ -114,8 +114,72 @@ def eager_attention(req: Request) -> AttentionOutput:
     if req.score is not None:
         q, k = req.score.prepare(q, k)
     if req.needs_grad:
+        plain = req.score is None and req.dropout_p == 0 and not req.need_stats
+        if plain and q.dtype in (torch.float32, torch.float64):
+            return _eager_weights_autograd(req, q, k, v)
         return _eager_autograd(req, q, k, v)
     return _eager_chunked(req, q, k, v)
+
+
+def _eager_weights_autograd(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOutput:
+    B, Hq, _, L, S, _, _ = req.shape
+    out, w, lse = _WeightsFunction.apply(req, q, k, v)
+    weights = None if not req.need_weights else w.mean(dim=1) if req.need_weights == "mean" else w
+    return AttentionOutput(out=out, weights=weights, stats=None, lse=lse, backend="eager")
+
+
+class _WeightsFunction(torch.autograd.Function):
+    """Materialised attention under autograd, without a score, dropout or statistics.
+
+    Forward: the logits are written into one buffer on huge pages (alloc.py) and turned into
+    the weights in place by the fused row softmax, so one L x S tensor is allocated instead of
+    two (logits, then weights) and it is the one saved for backward. Backward by hand, with
+    the weights' own gradient (an output too: a loss may use them) added to the output's:
+    dV = W^T dO, dW = dO V^T + dW_out, dS = W * (dW - rowsum(dW * W)) (torch's fused softmax
+    backward), dQ = scale dS K, dK = scale dS^T Q. Masked entries and empty rows have W = 0,
+    hence dS = 0. Shapes as in the module docstring; GQA folds the group into the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, req: Request, q: Tensor, k: Tensor, v: Tensor):
+        B, Hq, Hkv, L, S, E, Ev = req.shape
+        G = Hq // Hkv
+        w = _logits(
+            req,
+            q.unflatten(1, (Hkv, G)),
+            k,
+            (0, B * Hkv),
+            0,
+            L,
+            out=empty_large((B * Hkv, G * L, S), q.dtype, q.device),
+        )
+        m = w.amax(dim=-1, keepdim=True)
+        _softmax_rows_(w)
+        top = w.amax(dim=-1, keepdim=True)  # exp(0) / sum, as in _eager_chunked
+        empty = m == float("-inf")
+        if req.mask is not None and bool(empty.any()):
+            w.masked_fill_(empty, 0.0)
+        lse = torch.where(empty, float("-inf"), m - torch.log(top)).view(B, Hq, L)
+        out = torch.matmul(w.view(B, Hkv, G * L, S), v).view(B, Hq, L, Ev)
+        ctx.save_for_backward(q, k, v, w)
+        ctx.scale = req.scale
+        ctx.mark_non_differentiable(lse)
+        return out, w.view(B, Hq, L, S), lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor | None, dweights: Tensor | None, _dlse: Tensor | None):
+        q, k, v, w = ctx.saved_tensors
+        B, Hq, L, E = q.shape
+        Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+        w4 = w.view(B, Hkv, -1, S)
+        dw = torch.zeros_like(w4) if dout is None else torch.matmul(dout.reshape(B, Hkv, -1, Ev), v.transpose(-1, -2))
+        if dweights is not None:
+            dw += dweights.reshape(w4.shape)
+        dv = None if dout is None else torch.matmul(w4.transpose(-1, -2), dout.reshape(B, Hkv, -1, Ev))
+        ds = torch._softmax_backward_data(dw, w4, -1, w4.dtype)
+        dq = torch.matmul(ds, k).mul_(ctx.scale).view(B, Hq, L, E)
+        dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, -1, E)).mul_(ctx.scale)
+        return None, dq, dk, dv
 
 
 def _slab_view(t: Tensor, bh0: int, bh1: int, Hkv: int, whole: bool) -> Tensor:

@@ -9,9 +9,9 @@ Nothing is activated on import except the built-in backends.
 and can be off by 2x on another (FlexAttention against the tiled kernel differs between
 CPU vendors), so a problem that recurs is *measured*: from its third call on (the same
 shapes, dtype, device, mask and score kinds), a forward-only call without dropout runs each
-serving backend whose estimate is within ``AUTO_EXPLORE_MARGIN`` of the lowest, twice each,
-timing every call, and then settles on the fastest (the least of its two times, so a first
-call that compiles or builds a plan does not count against it). Every exploring call does
+serving backend whose estimate is within ``AUTO_EXPLORE_MARGIN`` of the lowest, three times
+each, timing every call, and then settles on the fastest (by the median of its three times,
+so a first call that compiles or builds a plan does not count against it, nor one lucky run). Every exploring call does
 the real work and returns its exact result; ``AttentionOutput.backend`` names the backend
 that ran. Calls under autograd keep the estimate (their backward runs after ``attend``
 returns, out of its sight). ``set_auto_exploration(False)`` keeps auto on estimates alone.
@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from headwise.kernels.tiled import TiledBackend
 log = logging.getLogger("headwise.attend")
 
 _BACKENDS: dict[str, Backend] = {}
+_REGISTRY_VERSION = 0  # bumped by register_backend: part of auto's cache key
 # FlexAttention compiles for seconds on every new shape or mask: auto considers it only
 # when the work is large enough for that to pay off over a few calls.
 AUTO_FLEX_MIN_ELEMENTS = 1 << 22
@@ -53,7 +55,9 @@ def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend under ``backend.name``."""
     if not isinstance(backend, Backend):
         raise HeadwiseError(f"backend: expected a headwise Backend instance, got {type(backend).__name__}")
+    global _REGISTRY_VERSION
     _BACKENDS[backend.name] = backend
+    _REGISTRY_VERSION += 1
     clear_choice_cache()
 
 
@@ -76,7 +80,7 @@ def explain(req: Request) -> dict[str, list[str]]:
 # Backends estimated within this factor of the cheapest are measured (see the module docstring).
 AUTO_EXPLORE_MARGIN = 3.0
 AUTO_EXPLORE_AFTER = 3  # the call of a recurring problem from which auto measures
-AUTO_EXPLORE_ROUNDS = 2  # timed calls per contender
+AUTO_EXPLORE_ROUNDS = 3  # timed calls per contender; the median counts
 _EXPLORE = True
 
 
@@ -110,8 +114,8 @@ class _AutoState:
     def record(self, name: str, seconds: float) -> None:
         self.times.setdefault(name, []).append(seconds)
         if all(len(self.times.get(n, [])) >= AUTO_EXPLORE_ROUNDS for n in self.contenders):
-            self.settled = min(self.contenders, key=lambda n: min(self.times[n]))
-            measured = {n: f"{1e3 * min(t):.3g} ms" for n, t in self.times.items()}
+            self.settled = min(self.contenders, key=lambda n: statistics.median(self.times[n]))
+            measured = {n: f"{1e3 * statistics.median(t):.3g} ms" for n, t in self.times.items()}
             log.debug("auto settled on %s (estimate: %s), measured %s", self.settled, self.estimated, measured)
 
 
@@ -210,14 +214,14 @@ def _choice_key(req: Request) -> tuple | None:
     return (
         req.shape,
         req.q.dtype,
-        str(req.q.device),
+        req.q.device,
         mask_key,
         _score_signature(req.score),
         req.dropout_p > 0,
         req.need_weights,
         req.need_stats,
         req.needs_grad,
-        tuple(_BACKENDS),
+        _REGISTRY_VERSION,
     )
 
 

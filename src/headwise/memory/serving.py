@@ -38,7 +38,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -145,10 +145,25 @@ class MultiHeadPlan:
                 top_weight=_np(sf_w[:, 1], dtype),
             )
 
+    # The last adapted queries, (q, q + A q + a): a store's first pass asks for them and its
+    # refine() right after needs them again. Reused only for equal q (compared by value).
+    _last: dict = field(default_factory=dict, compare=False, repr=False)
+
     def adapted(self, q: np.ndarray) -> np.ndarray:
         """normalize(q + A q + a) (n, d): the adapter alone, the first half of ``in_matrix``."""
         d = q.shape[1]
-        return _normalize(q @ self.in_matrix[:, :d] + self.in_bias[:d])  # a column slice: BLAS reads it in place
+        qa = q @ self.in_matrix[:, :d] + self.in_bias[:d]  # a column slice: BLAS reads it in place
+        self._last["adapted"] = (q.copy(), qa)
+        return _normalize(qa)
+
+    def _projections(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(q + A q + a, the query projection of it), (n, d) each; the first from adapted() if it saw q."""
+        d = q.shape[1]
+        last = self._last.get("adapted")
+        if last is not None and last[0].shape == q.shape and np.array_equal(last[0], q):
+            return last[1], q @ self.in_matrix[:, d:] + self.in_bias[d:]
+        proj = q @ self.in_matrix + self.in_bias  # (n, 2d)
+        return proj[:, :d], proj[:, d:]
 
     def refine(self, q: np.ndarray, cand: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """q (n, d), cand (n, K, d), scores (n, K) -> refined queries (n, d), L2-normalised."""
@@ -159,8 +174,8 @@ class MultiHeadPlan:
         # Token j = cand_j + t_j + s_j w + s_top w', with t_j = rank_j + score-feature bias. The
         # (n, K, d) tokens are never built: each term meets u (logits) or p (weighted sum) alone.
         extra = self.token_extra if max_k == K else self.token_extra[[*range(K), -1]]
-        proj = q @ self.in_matrix + self.in_bias  # (n, 2d)
-        qa, qh = proj[:, :d], proj[:, d:].reshape(n, H, -1).transpose(1, 0, 2)  # (n, d), (H, n, d_h)
+        qa, qp = self._projections(q)
+        qh = qp.reshape(n, H, -1).transpose(1, 0, 2)  # (H, n, d_h)
         u = np.matmul(qh, self.key_fold).transpose(1, 0, 2)  # (n, H, d): W_k,h^T q_h, scaled
         ue = (u.reshape(n * H, d) @ extra.T).reshape(n, H, K + 1)  # u . t_j and u . w
         logits = np.matmul(u, cand.transpose(0, 2, 1))  # (n, H, K)
