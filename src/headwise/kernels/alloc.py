@@ -10,7 +10,10 @@ wrapped by ``torch.frombuffer`` (the tensor owns the mapping; it is unmapped whe
 tensor's storage is freed).
 
 Where the OS has no transparent huge pages ("never", not Linux, not a CPU tensor, below
-:data:`HUGE_MIN_BYTES`) it is ``torch.empty``. The memory is zero-filled either way by the
+:data:`HUGE_MIN_BYTES`), or ``HEADWISE_HUGE_PAGES=0`` is set, it is ``torch.empty``. The
+trade: a lower median and mean first-touch cost, but on a virtual machine an occasional
+allocation can stall while the host backs 2 MiB pages (a latency-sensitive service that
+materialises weights may prefer ``HEADWISE_HUGE_PAGES=0``). The memory is zero-filled either way by the
 kernel, but callers must not rely on it: the contract is ``torch.empty``'s.
 
 Example:
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+import os
 import sys
 from functools import lru_cache
 
@@ -37,7 +41,10 @@ HUGE_MIN_BYTES = 4 << 20
 
 @lru_cache(maxsize=1)
 def huge_pages_available() -> bool:
-    """True on Linux when transparent huge pages are "always" or "madvise" (not "never")."""
+    """True on Linux when transparent huge pages are "always" or "madvise" (not "never"),
+    unless ``HEADWISE_HUGE_PAGES=0`` (read once per process)."""
+    if os.environ.get("HEADWISE_HUGE_PAGES", "1") == "0":
+        return False
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
