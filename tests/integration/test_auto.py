@@ -165,14 +165,34 @@ def test_auto_measures_a_recurring_problem_and_settles_on_the_fastest(patched_co
     # estimated far slower and never measured; the reference is never a contender.
     patched_costs({"sdpa": 1.0, "tiled": 1.5, "eager": 10.0, "flex": 10.0, "reference": 1.2})
     slowed({"sdpa": 0.02})
-    ran = [attend(q, k, v).backend for _ in range(11)]
+    ran = [attend(q, k, v).backend for _ in range(13)]
     assert ran[:2] == ["sdpa", "sdpa"]  # first calls: the estimate
-    assert sorted(ran[2:8]) == ["sdpa"] * 3 + ["tiled"] * 3  # measured three times each
-    assert ran[8:] == ["tiled"] * 3  # settled
+    assert sorted(ran[2:10]) == ["sdpa"] * 4 + ["tiled"] * 4  # measured four times each, in turn
+    assert ran[10:] == ["tiled"] * 3  # settled
     assert registry.settled_choice(_request(q, k, v)) == "tiled"
     assert choose(_request(q, k, v), "auto").name == "tiled"
     gold = attend(q, k, v, backend="reference").out
     assert torch.allclose(attend(q, k, v).out, gold, atol=1e-5)
+
+
+def test_auto_does_not_hold_a_slow_first_call_against_a_backend(patched_costs, slowed, monkeypatch):
+    import time as _time
+
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16)
+    patched_costs({"sdpa": 1.0, "tiled": 1.5, "eager": 10.0, "flex": 10.0})
+    slowed({"sdpa": 0.01})
+    tiled, real, calls = get_backend("tiled"), get_backend("tiled").run, []
+
+    def compiles_first(req):  # like FlexAttention's first call of a shape
+        calls.append(1)
+        if len(calls) == 1:
+            _time.sleep(0.2)
+        return real(req)
+
+    monkeypatch.setattr(tiled, "run", compiles_first)
+    for _ in range(12):
+        attend(q, k, v)
+    assert registry.settled_choice(_request(q, k, v)) == "tiled"
 
 
 def test_auto_keeps_the_estimate_under_autograd_and_when_told(patched_costs, slowed):

@@ -9,9 +9,10 @@ Nothing is activated on import except the built-in backends.
 and can be off by 2x on another (FlexAttention against the tiled kernel differs between
 CPU vendors), so a problem that recurs is *measured*: from its third call on (the same
 shapes, dtype, device, mask and score kinds), a forward-only call without dropout runs each
-serving backend whose estimate is within ``AUTO_EXPLORE_MARGIN`` of the lowest, three times
-each, timing every call, and then settles on the fastest (by the median of its three times,
-so a first call that compiles or builds a plan does not count against it, nor one lucky run). Every exploring call does
+serving backend whose estimate is within ``AUTO_EXPLORE_MARGIN`` of the lowest, four times
+each in turn, timing every call, and then settles on the fastest by the median of its last
+three times (its first call may compile or build a plan: it does not count, and one lucky
+or unlucky run does not decide). Every exploring call does
 the real work and returns its exact result; ``AttentionOutput.backend`` names the backend
 that ran. Calls under autograd keep the estimate (their backward runs after ``attend``
 returns, out of its sight). ``set_auto_exploration(False)`` keeps auto on estimates alone.
@@ -80,7 +81,7 @@ def explain(req: Request) -> dict[str, list[str]]:
 # Backends estimated within this factor of the cheapest are measured (see the module docstring).
 AUTO_EXPLORE_MARGIN = 3.0
 AUTO_EXPLORE_AFTER = 3  # the call of a recurring problem from which auto measures
-AUTO_EXPLORE_ROUNDS = 3  # timed calls per contender; the median counts
+AUTO_EXPLORE_ROUNDS = 4  # timed calls per contender: the first is dropped, the median of the rest counts
 _EXPLORE = True
 
 
@@ -114,8 +115,10 @@ class _AutoState:
     def record(self, name: str, seconds: float) -> None:
         self.times.setdefault(name, []).append(seconds)
         if all(len(self.times.get(n, [])) >= AUTO_EXPLORE_ROUNDS for n in self.contenders):
-            self.settled = min(self.contenders, key=lambda n: statistics.median(self.times[n]))
-            measured = {n: f"{1e3 * statistics.median(t):.3g} ms" for n, t in self.times.items()}
+            # The first call of a backend may compile (flex) or build a plan (tiled): dropped.
+            typical = {n: statistics.median(self.times[n][1:]) for n in self.contenders}
+            self.settled = min(self.contenders, key=typical.__getitem__)
+            measured = {n: f"{1e3 * t:.3g} ms" for n, t in typical.items()}
             log.debug("auto settled on %s (estimate: %s), measured %s", self.settled, self.estimated, measured)
 
 
