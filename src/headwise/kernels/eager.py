@@ -122,7 +122,6 @@ def eager_attention(req: Request) -> AttentionOutput:
 
 
 def _eager_weights_autograd(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOutput:
-    B, Hq, _, L, S, _, _ = req.shape
     out, w, lse = _WeightsFunction.apply(req, q, k, v)
     weights = None if not req.need_weights else w.mean(dim=1) if req.need_weights == "mean" else w
     return AttentionOutput(out=out, weights=weights, stats=None, lse=lse, backend="eager")
@@ -153,13 +152,8 @@ class _WeightsFunction(torch.autograd.Function):
             L,
             out=empty_large((B * Hkv, G * L, S), q.dtype, q.device),
         )
-        m = w.amax(dim=-1, keepdim=True)
-        _softmax_rows_(w)
-        top = w.amax(dim=-1, keepdim=True)  # exp(0) / sum, as in _eager_chunked
-        empty = m == float("-inf")
-        if req.mask is not None and bool(empty.any()):
-            w.masked_fill_(empty, 0.0)
-        lse = torch.where(empty, float("-inf"), m - torch.log(top)).view(B, Hq, L)
+        _, lse = _softmax_with_lse_(w, may_be_empty=req.mask is not None)
+        lse = lse.view(B, Hq, L)
         out = torch.matmul(w.view(B, Hkv, G * L, S), v).view(B, Hq, L, Ev)
         ctx.save_for_backward(q, k, v, w)
         ctx.scale = req.scale
@@ -256,17 +250,7 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
         dst = weights[bh0:bh1] if per_head and n == L else None
         p = _logits(req, sel(q5), sel(k), (bh0, bh1), q0, n, out=dst)
         with scope(SOFTMAX):
-            m = p.amax(dim=-1, keepdim=True)
-            _softmax_rows_(p)
-            # The softmax keeps the argmax: its weight is exp(0) / sum, so lse = m - log(max w),
-            # exact because max w >= 1 / S never underflows. Two row maxima are cheaper than
-            # the sum and division passes a hand-written exp would need.
-            top = p.amax(dim=-1, keepdim=True)
-            empty = m == float("-inf")  # nothing to attend to: the softmax made NaN; NaN inputs stay NaN
-            if (req.mask is not None or req.score is not None) and bool(empty.any()):
-                p.masked_fill_(empty, 0.0)
-                top = top.masked_fill(empty, 0.0)
-            lse_rows = torch.where(empty, float("-inf"), m - torch.log(top))
+            top, lse_rows = _softmax_with_lse_(p, may_be_empty=req.mask is not None or req.score is not None)
         p4 = p.view(nb, G, n, S)
         rows = (slice(bh0, bh1), slice(None), slice(q0, q0 + n))
         lse[rows] = lse_rows.view(nb, G, n)
@@ -289,6 +273,25 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
     return AttentionOutput(
         out=out.view(B, Hq, L, Ev), weights=w_out, stats=stats, lse=lse.view(B, Hq, L), backend="eager"
     )
+
+
+def _softmax_with_lse_(p: Tensor, may_be_empty: bool) -> tuple[Tensor, Tensor]:
+    """Logits ``p`` (..., S) -> weights in place; returns the row max weight and lse, (..., 1).
+
+    The softmax keeps the argmax: its weight is exp(0) / sum, so lse = m - log(max w), exact
+    because max w >= 1 / S never underflows. Two row maxima are cheaper than the sum and
+    division passes a hand-written exp would need. A row with nothing to attend to (only
+    possible with a mask or score: ``may_be_empty``) comes out of the softmax as NaN and is
+    zeroed, with lse -inf; NaN inputs stay NaN.
+    """
+    m = p.amax(dim=-1, keepdim=True)
+    _softmax_rows_(p)
+    top = p.amax(dim=-1, keepdim=True)
+    empty = m == float("-inf")
+    if may_be_empty and bool(empty.any()):
+        p.masked_fill_(empty, 0.0)
+        top = top.masked_fill(empty, 0.0)
+    return top, torch.where(empty, float("-inf"), m - torch.log(top))
 
 
 def _softmax_rows_(p: Tensor) -> Tensor:

@@ -46,7 +46,6 @@ from headwise.kernels.tiled import TiledBackend
 log = logging.getLogger("headwise.attend")
 
 _BACKENDS: dict[str, Backend] = {}
-_REGISTRY_VERSION = 0  # bumped by register_backend: part of auto's cache key
 # FlexAttention compiles for seconds on every new shape or mask: auto considers it only
 # when the work is large enough for that to pay off over a few calls.
 AUTO_FLEX_MIN_ELEMENTS = 1 << 22
@@ -56,9 +55,7 @@ def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend under ``backend.name``."""
     if not isinstance(backend, Backend):
         raise HeadwiseError(f"backend: expected a headwise Backend instance, got {type(backend).__name__}")
-    global _REGISTRY_VERSION
     _BACKENDS[backend.name] = backend
-    _REGISTRY_VERSION += 1
     clear_choice_cache()
 
 
@@ -82,6 +79,7 @@ def explain(req: Request) -> dict[str, list[str]]:
 AUTO_EXPLORE_MARGIN = 3.0
 AUTO_EXPLORE_AFTER = 3  # the call of a recurring problem from which auto measures
 AUTO_EXPLORE_ROUNDS = 4  # timed calls per contender: the first is dropped, the median of the rest counts
+AUTO_MAX_CONTENDERS = 3
 _EXPLORE = True
 
 
@@ -133,7 +131,7 @@ def _new_state(req: Request) -> _AutoState:
     contenders: tuple[str, ...] = ()
     if _EXPLORE and not req.needs_grad and req.dropout_p == 0:
         close = [n for c, n in ranked if c <= AUTO_EXPLORE_MARGIN * ranked[0][0] and n != "reference"]
-        contenders = tuple(close[:3]) if len(close) > 1 else ()
+        contenders = tuple(close[:AUTO_MAX_CONTENDERS]) if len(close) > 1 else ()
     log.debug("auto estimated %s among %s; will measure %s", estimated, [n for _, n in ranked], contenders)
     return _AutoState(estimated, contenders)
 
@@ -224,7 +222,7 @@ def _choice_key(req: Request) -> tuple | None:
         req.need_weights,
         req.need_stats,
         req.needs_grad,
-        _REGISTRY_VERSION,
+        tuple(_BACKENDS),
     )
 
 
