@@ -175,6 +175,17 @@ def test_auto_measures_a_recurring_problem_and_settles_on_the_fastest(patched_co
     assert torch.allclose(attend(q, k, v).out, gold, atol=1e-5)
 
 
+def test_auto_measures_a_close_race_longer(patched_costs, slowed):
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16)
+    patched_costs({"sdpa": 1.0, "tiled": 1.5, "eager": 10.0, "flex": 10.0})
+    slowed({"sdpa": 0.0105, "tiled": 0.010})  # within AUTO_EXPLORE_CLOSE of each other
+    n = registry.AUTO_EXPLORE_MAX_ROUNDS
+    ran = [attend(q, k, v).backend for _ in range(2 + 2 * n + 2)]
+    assert sorted(ran[2 : 2 + 2 * n]) == ["sdpa"] * n + ["tiled"] * n  # not settled after four each
+    settled = registry.settled_choice(_request(q, k, v))
+    assert settled in {"sdpa", "tiled"} and ran[-2:] == [settled] * 2
+
+
 def test_auto_does_not_hold_a_slow_first_call_against_a_backend(patched_costs, slowed, monkeypatch):
     import time as _time
 

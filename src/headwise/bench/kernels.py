@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from headwise.attend import attend, make_request
 from headwise.bench.harness import Timing, time_interleaved
 from headwise.kernels.flex import flex_fn
-from headwise.kernels.registry import AUTO_EXPLORE_AFTER, AUTO_EXPLORE_ROUNDS, AUTO_MAX_CONTENDERS, auto_pending
+from headwise.kernels.registry import AUTO_EXPLORE_AFTER, AUTO_EXPLORE_MAX_ROUNDS, AUTO_MAX_CONTENDERS, auto_pending
 from headwise.masks import Mask, causal, sliding_window
 
 
@@ -185,7 +185,7 @@ def run_case(case: Case, repeat: int, device: str = "cpu", impls=IMPLS) -> dict[
             req = make_request(q, k, v, case.mask, None, None, 0.0, False, stats)
             # auto measures a recurring problem on its first calls (kernels/registry.py): the
             # warm-up lets it settle, as it would in any loop that calls attend repeatedly.
-            for _ in range(AUTO_EXPLORE_AFTER + AUTO_MAX_CONTENDERS * AUTO_EXPLORE_ROUNDS):
+            for _ in range(AUTO_EXPLORE_AFTER + AUTO_MAX_CONTENDERS * AUTO_EXPLORE_MAX_ROUNDS):
                 if not auto_pending(req):
                     break
                 fns["headwise auto"]()

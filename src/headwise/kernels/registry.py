@@ -12,7 +12,8 @@ shapes, dtype, device, mask and score kinds), a forward-only call without dropou
 serving backend whose estimate is within ``AUTO_EXPLORE_MARGIN`` of the lowest, four times
 each in turn, timing every call, and then settles on the fastest by the median of its last
 three times (its first call may compile or build a plan: it does not count, and one lucky
-or unlucky run does not decide). Every exploring call does
+or unlucky run does not decide). A close race (runner-up within ``AUTO_EXPLORE_CLOSE`` of the
+best) goes on to ``AUTO_EXPLORE_MAX_ROUNDS`` calls each before settling. Every exploring call does
 the real work and returns its exact result; ``AttentionOutput.backend`` names the backend
 that ran. Calls under autograd keep the estimate (their backward runs after ``attend``
 returns, out of its sight). ``set_auto_exploration(False)`` keeps auto on estimates alone.
@@ -79,6 +80,8 @@ def explain(req: Request) -> dict[str, list[str]]:
 AUTO_EXPLORE_MARGIN = 3.0
 AUTO_EXPLORE_AFTER = 3  # the call of a recurring problem from which auto measures
 AUTO_EXPLORE_ROUNDS = 4  # timed calls per contender: the first is dropped, the median of the rest counts
+AUTO_EXPLORE_CLOSE = 1.25  # when the runner-up's median is within this factor of the best...
+AUTO_EXPLORE_MAX_ROUNDS = 8  # ...each contender is timed up to this many times before settling
 AUTO_MAX_CONTENDERS = 3
 _EXPLORE = True
 
@@ -112,12 +115,19 @@ class _AutoState:
 
     def record(self, name: str, seconds: float) -> None:
         self.times.setdefault(name, []).append(seconds)
-        if all(len(self.times.get(n, [])) >= AUTO_EXPLORE_ROUNDS for n in self.contenders):
-            # The first call of a backend may compile (flex) or build a plan (tiled): dropped.
-            typical = {n: statistics.median(self.times[n][1:]) for n in self.contenders}
-            self.settled = min(self.contenders, key=typical.__getitem__)
-            measured = {n: f"{1e3 * t:.3g} ms" for n, t in typical.items()}
-            log.debug("auto settled on %s (estimate: %s), measured %s", self.settled, self.estimated, measured)
+        rounds = min(len(self.times.get(n, [])) for n in self.contenders)
+        if rounds < AUTO_EXPLORE_ROUNDS or any(len(self.times.get(n, [])) > rounds for n in self.contenders):
+            return
+        # The first call of a backend may compile (flex) or build a plan (tiled): dropped.
+        typical = {n: statistics.median(self.times[n][1:]) for n in self.contenders}
+        best, runner_up = sorted(typical.values())[:2]
+        # On a shared machine a kernel's times vary by 15-25%: a close race gets more samples
+        # so that one noisy round does not decide it.
+        if runner_up < AUTO_EXPLORE_CLOSE * best and rounds < AUTO_EXPLORE_MAX_ROUNDS:
+            return
+        self.settled = min(self.contenders, key=typical.__getitem__)
+        measured = {n: f"{1e3 * t:.3g} ms" for n, t in typical.items()}
+        log.debug("auto settled on %s (estimate: %s), measured %s", self.settled, self.estimated, measured)
 
 
 def _new_state(req: Request) -> _AutoState:
