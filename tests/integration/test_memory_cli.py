@@ -66,6 +66,25 @@ def test_train_eval_search(workdir, tmp_path):
     assert hist["records"][-1]["step"] >= 5
     bad = invoke("train", "--dir", str(workdir), "--method", "multi-head", "--adapter-from", "knn", "--steps", "1")
     assert bad.exit_code == 2 and "adapter-from" in bad.output
+    bad = invoke("train", "--dir", str(workdir), "--method", "multi-head", "--first-pass", "raw", "--steps", "1")
+    assert bad.exit_code == 2 and "--adapter-from" in bad.output
+    # The adapter copied in and trained further, candidates from the raw query; then the ablation.
+    res = invoke("train", "--dir", str(workdir), "--method", "multi-head", "--steps", "10", "--eval-every", "5",
+                 "--batch-size", "32", "--candidates", "8", "--adapter-from", "linear", "--first-pass", "raw",
+                 "--train-adapter", "--dropout", "0.1")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((workdir / "models" / "multi-head" / "enhancer.json").read_text())
+    assert cfg["first_pass"] == "raw" and cfg["dropout"] == 0.1
+    hist = json.loads((workdir / "models" / "multi-head" / "history.json").read_text())
+    assert "--train-adapter" in hist["command"] and "True" not in hist["command"]
+    out = tmp_path / "memory_ablate"
+    res = invoke("eval", "--dir", str(workdir), "--method", "linear,multi-head", "--out", str(out),
+                 "--samples", "50", "--latency", "0", "--ablate")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert set(data["methods"]) == {"linear", "multi-head", "multi-head (adapter only)"}
+    assert "multi-head - multi-head (adapter only) recall@10" in data["comparisons"]
+    assert data["command"].endswith(" --ablate")
     res = invoke("search", "--dir", str(workdir), "--method", "multi-head", "--k", "3", "a living thing")
     assert res.exit_code == 0, res.output
     assert "knn" in res.output and "multi-head" in res.output

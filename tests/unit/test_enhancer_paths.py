@@ -183,6 +183,24 @@ def test_adopted_adapter_makes_the_untrained_enhancer_the_linear_adapter():
         enh.adopt_adapter(LinearAdapter(16))
 
 
+def test_adapter_only_is_the_enhancer_with_its_read_out_off():
+    enh = QueryEnhancer(32, heads=4, candidates=5).double().eval()
+    with torch.no_grad():
+        for p in enh.parameters():
+            p.normal_(std=0.2)
+    ablated = enh.adapter_only()
+    assert isinstance(ablated, LinearAdapter) and not ablated.training
+    q, cand, scores = _inputs()
+    with torch.no_grad():
+        full = enh(q, cand, scores)
+        enh.mix.weight.zero_()
+        enh.mix.bias.zero_()
+        np.testing.assert_allclose(ablated(q).numpy(), enh(q, cand, scores).numpy(), atol=1e-12)
+        assert not torch.allclose(full, ablated(q))  # the read-out did move the queries
+    ablated.linear.weight.data.zero_()  # a copy: the enhancer's adapter is untouched
+    assert enh.adapter.weight.abs().sum() > 0
+
+
 def test_refine_reuses_the_adapted_queries_of_the_first_pass_only_for_the_same_queries():
     enh = _random_enhancer(first_pass="adapted")
     q, cand, scores = (t.numpy() for t in _inputs())

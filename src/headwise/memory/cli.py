@@ -55,6 +55,9 @@ def _command(ctx: typer.Context) -> str:
             continue
         if param.param_type_name == "argument":
             parts.append(shlex.quote(str(value)))
+        elif getattr(param, "is_flag", False) and isinstance(value, bool):  # --x / --no-x
+            flag = param.opts[0] if value else next(iter(param.secondary_opts), None)
+            parts += [flag] if flag else []
         else:
             parts += [param.opts[0], shlex.quote(str(value))]
     return " ".join(parts)
@@ -155,6 +158,13 @@ def train(
             "adapter, frozen, and take their first-pass candidates from the adapted query"
         ),
     ] = None,
+    first_pass: Annotated[
+        str, typer.Option(help="with --adapter-from: candidates from the 'adapted' (default) or the 'raw' query")
+    ] = "adapted",
+    train_adapter: Annotated[
+        bool, typer.Option(help="with --adapter-from: keep training the copied adapter instead of freezing it")
+    ] = False,
+    dropout: Annotated[float, typer.Option(help="dropout on the candidate tokens while training")] = 0.0,
 ) -> None:
     """Train enhancers with InfoNCE over the whole corpus plus kNN-mined hard negatives; save the best."""
     from headwise.memory.enhancer import LinearAdapter, load_enhancer
@@ -169,6 +179,10 @@ def train(
             eval_every=eval_every, patience=patience, seed=seed,
         )  # fmt: skip
         adapter = None
+        if first_pass not in ("raw", "adapted"):
+            raise bad_argument("--first-pass", "'raw' or 'adapted'", repr(first_pass))
+        if adapter_from is None and (first_pass != "adapted" or train_adapter):
+            raise bad_argument("--first-pass, --train-adapter", "--adapter-from as well", "no --adapter-from")
         if adapter_from is not None:
             if adapter_from in names:
                 raise bad_argument("--adapter-from", "a model trained before this command", repr(adapter_from))
@@ -193,15 +207,16 @@ def train(
         _fail(exc)
     table = Table(title=f"trained on {manifest['name']}: {len(ds.split['train']):,} queries")
     if adapter is not None:
-        table.caption = f"* on top of {adapter_from!r}'s adapter (frozen), its top-K as candidates"
+        how = "trained further" if train_adapter else "frozen"
+        table.caption = f"* on top of {adapter_from!r}'s adapter ({how}), candidates from the {first_pass} query"
     for col in ("method", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
         table.add_column(col, justify="right")
     for name in names:
         attention = name != "linear" and adapter is not None
-        model = make_model(name, docs.shape[1], heads=heads, candidates=candidates, seed=seed,
-                           first_pass="adapted" if attention else "raw")  # fmt: skip
+        model = make_model(name, docs.shape[1], heads=heads, candidates=candidates, seed=seed, dropout=dropout,
+                           first_pass=first_pass if attention else "raw")  # fmt: skip
         if attention:
-            model.adopt_adapter(adapter)
+            model.adopt_adapter(adapter, freeze=not train_adapter)
         data = data_for(model)
         t0 = time.perf_counter()
         cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
@@ -225,7 +240,11 @@ def train(
     console.print(table)
 
 
-def _retrievers(directory: Path, names: list[str], docs: np.ndarray) -> dict:
+ADAPTER_ONLY = " (adapter only)"
+
+
+def _retrievers(directory: Path, names: list[str], docs: np.ndarray, *, ablate: bool = False) -> dict:
+    """name -> retriever; with ``ablate``, "NAME (adapter only)" follows each attention enhancer."""
     from headwise.memory.enhancer import QueryEnhancer, load_enhancer
 
     out = {}
@@ -237,6 +256,8 @@ def _retrievers(directory: Path, names: list[str], docs: np.ndarray) -> dict:
         if isinstance(model, QueryEnhancer) and model.mechanism == "flash":
             model.bind(docs)
         out[name] = enhanced_retriever(docs, model)
+        if ablate and isinstance(model, QueryEnhancer) and model.uses_candidates:
+            out[name + ADAPTER_ONLY] = enhanced_retriever(docs, model.adapter_only())
     return out
 
 
@@ -252,13 +273,17 @@ def evaluate(
     samples: Annotated[int, typer.Option(help="bootstrap resamples for the 95% CIs")] = 1000,
     latency: Annotated[int, typer.Option(help="queries timed one by one for latency (0: skip)")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
+    ablate: Annotated[
+        bool, typer.Option(help="also evaluate each attention enhancer's adapter alone (its read-out switched off)")
+    ] = False,
 ) -> None:
     """Recall@1/10/100, MRR@10, NDCG@10 with bootstrap 95% CIs (exact search); latency and memory."""
     try:
         names = _methods(method)
         manifest, ds, docs, queries = _load(dir)
         sub = ds.subset(split)
-        retrievers = _retrievers(dir, names, docs)
+        retrievers = _retrievers(dir, names, docs, ablate=ablate)
+        names = list(retrievers)
     except HeadwiseError as exc:
         _fail(exc)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -271,18 +296,17 @@ def evaluate(
                                    progress=step)  # fmt: skip
         bar.update(task, completed=len(names))
     by_name = {r.name: r for r in results}
+    pairs = [(r.name, base) for base in ("knn", "linear") if base in by_name
+             for r in results if r.name not in (base, "knn")]  # fmt: skip
+    pairs += [(n, n + ADAPTER_ONLY) for n in by_name if n + ADAPTER_ONLY in by_name]  # the read-out's own share
     comparisons = {}
-    for base in ("knn", "linear"):
-        if base not in by_name:
-            continue
-        for r in results:
-            if r.name not in (base, "knn"):
-                for m in ("recall@10", "ndcg@10"):
-                    diff = paired_difference(r, by_name[base], m, samples=samples, seed=seed)
-                    base_mean = by_name[base].metrics[m][0]
-                    comparisons[f"{r.name} - {base} {m}"] = {
-                        "diff": list(diff), "relative": diff[0] / base_mean if base_mean else float("nan")
-                    }  # fmt: skip
+    for name, base in pairs:
+        for m in ("recall@10", "ndcg@10"):
+            diff = paired_difference(by_name[name], by_name[base], m, samples=samples, seed=seed)
+            base_mean = by_name[base].metrics[m][0]
+            comparisons[f"{name} - {base} {m}"] = {
+                "diff": list(diff), "relative": diff[0] / base_mean if base_mean else float("nan")
+            }  # fmt: skip
     timing = {}
     if latency > 0:
         from headwise.bench.memory import measure_latency

@@ -327,6 +327,18 @@ class QueryEnhancer(_Enhancer):
         self.adapter.requires_grad_(not freeze)
         return self
 
+    def adapter_only(self) -> LinearAdapter:
+        """A :class:`LinearAdapter` holding a copy of this enhancer's adapter: the read-out ablated.
+
+        Its queries are what this enhancer's would be with the read-out switched off, so
+        evaluating both separates what the attention stage adds from what its adapter does.
+        """
+        linear = LinearAdapter(self.dim).to(self.adapter.weight)  # same dtype and device: an exact copy
+        with torch.no_grad():
+            linear.linear.weight.copy_(self.adapter.weight)
+            linear.linear.bias.copy_(self.adapter.bias)
+        return linear.eval()
+
     def _plan_sources(self) -> tuple[Tensor, ...]:
         return MultiHeadPlan.sources(self) if self.mechanism == "multi-head" else ()
 

@@ -238,10 +238,19 @@ def _train(
 
 
 def make_model(
-    name: str, dim: int, *, heads: int = 8, candidates: int = 32, seed: int = 0, first_pass: str = "raw"
+    name: str,
+    dim: int,
+    *,
+    heads: int = 8,
+    candidates: int = 32,
+    seed: int = 0,
+    first_pass: str = "raw",
+    dropout: float = 0.0,
 ) -> torch.nn.Module:
     """``"linear"`` or an enhancer mechanism name, initialised from ``seed``."""
     torch.manual_seed(seed)
     if name == "linear":
         return LinearAdapter(dim)
-    return QueryEnhancer(dim, mechanism=name, heads=heads, candidates=candidates, first_pass=first_pass)
+    return QueryEnhancer(
+        dim, mechanism=name, heads=heads, candidates=candidates, first_pass=first_pass, dropout=dropout
+    )
