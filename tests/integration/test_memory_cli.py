@@ -94,11 +94,12 @@ def test_train_eval_search(workdir, tmp_path):
                  "--out", str(bench))  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads(bench.with_suffix(".json").read_text())
-    assert set(data["latency"]) == {"flat", "hnsw"}
+    assert set(data["latency"]) == {"flat", "hnsw", "hnsw-fp16"}
     for method in ("knn", "linear", "multi-head"):  # an exact store agrees with itself
         assert data["latency"]["flat"][method]["recall_vs_exact"] == 1.0
         assert data["latency"]["flat"][method]["agreement_vs_exact"] == 1.0
         assert 0 < data["latency"]["hnsw"][method]["recall_vs_exact"] <= 1
+        assert 0 < data["latency"]["hnsw-fp16"][method]["recall_vs_exact"] <= 1
     assert "M=16, ef_search=64, first pass ef 8" in bench.with_suffix(".md").read_text()
     rows = data["flash_vs_topk"]["rows"]
     assert [r["memory"] for r in rows] == [200, 800]

@@ -75,7 +75,7 @@ def test_property_flat_matches_brute_force_after_deletes(metric, n, k, deleted, 
     np.testing.assert_allclose(scores, ref_s, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "hnsw-fp16"])
 def test_fewer_than_k_pads_with_minus_one_and_minus_inf(index):
     mem = VectorMemory(DIM, index=index)
     scores, ids = mem.search(rand(2), k=3)  # empty store
@@ -86,7 +86,7 @@ def test_fewer_than_k_pads_with_minus_one_and_minus_inf(index):
     assert np.isfinite(scores[0, :2]).all() and np.isneginf(scores[0, 2:]).all()
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "hnsw-fp16"])
 def test_deleted_ids_never_returned(index):
     x = rand(400, 3)
     mem = VectorMemory(DIM, index=index, metric="l2")
@@ -191,7 +191,7 @@ def test_bad_constructor_arguments(kwargs, match):
 
 
 # ---------------------------------------------------------------------- persistence
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "hnsw-fp16"])
 def test_round_trip_and_writes_after_save_survive(tmp_path, index):
     path = tmp_path / "mem"
     x, q = rand(120, 11), rand(5, 12)
@@ -535,12 +535,14 @@ def test_footprint_counts_index_and_sqlite(tmp_path):
     assert hnsw.footprint()["index_bytes"] > 100 * DIM * 4  # plus the graph
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "hnsw-fp16"])
 def test_slot_index_reconstruct_gathers_the_stored_vectors(kind):
     from headwise.memory.index import SlotIndex
 
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((50, 8)).astype(np.float32)
+    if kind == "hnsw-fp16":  # what is stored: the vectors rounded to half precision
+        vecs = vecs.astype(np.float16).astype(np.float32)
     index = SlotIndex(8, "ip", kind)
     index.add(np.arange(50), np.arange(50), vecs)
     slots = rng.integers(0, 50, (4, 3))
@@ -552,3 +554,33 @@ def test_slot_index_reconstruct_gathers_the_stored_vectors(kind):
         index.reconstruct(np.array([0, 60]))
     with pytest.raises(HeadwiseError, match="slots"):
         index.reconstruct(np.array([-1]))
+
+
+def test_fp16_index_scores_are_the_half_precision_vectors_and_foreign_files_are_refused():
+    import faiss
+
+    from headwise.memory.index import SlotIndex
+
+    rng = np.random.default_rng(1)
+    vecs = rng.standard_normal((300, 16)).astype(np.float32)
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    index = SlotIndex(16, "ip", "hnsw-fp16", ef_search=300)
+    index.add(np.arange(300), np.arange(300), vecs)
+    scores, ids, _ = index.search(q, 5)
+    half = vecs.astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ half.T, ids, axis=1), rtol=1e-5, atol=1e-5)
+    assert (ids == np.argsort(-(q @ half.T), axis=1)[:, :5]).mean() > 0.9  # the graph finds the top 5
+    full = SlotIndex(16, "ip", "hnsw")
+    full.add(np.arange(300), np.arange(300), vecs)
+    assert index.memory_bytes() < full.memory_bytes()  # 2 bytes a component instead of 4
+    blob, seqs = index.serialize()
+    again = SlotIndex.deserialize(blob, seqs, 16, "ip", "hnsw-fp16", ef_search=300)
+    again.set_live(np.arange(300), np.arange(300))  # the store does this from SQLite
+    np.testing.assert_array_equal(again.search(q, 5)[1], ids)
+    with pytest.raises(HeadwiseError, match="IndexHNSWFlat"):  # an fp16 file where float32 is expected
+        SlotIndex.deserialize(blob, seqs, 16, "ip", "hnsw")
+    sq8 = faiss.IndexHNSWSQ(16, faiss.ScalarQuantizer.QT_8bit, 8, faiss.METRIC_INNER_PRODUCT)
+    sq8.train(vecs)
+    sq8.add(vecs)
+    with pytest.raises(HeadwiseError, match="hnsw-fp16"):  # another quantizer is a foreign file
+        SlotIndex.deserialize(faiss.serialize_index(sq8).tobytes(), seqs, 16, "ip", "hnsw-fp16")

@@ -373,7 +373,7 @@ def search(
 
 
 def _hnsw_label(kind: str, m: int, ef_search: int, candidate_ef: int) -> str:
-    if kind != "hnsw":
+    if kind == "flat":
         return "exact"
     first = f", first pass ef {candidate_ef}" if candidate_ef else ""
     return f"M={m}, ef_search={ef_search}{first}"
@@ -402,6 +402,9 @@ def bench(
     mechanisms: Annotated[
         str, typer.Option("--mechanisms", "--mechanism", help="enhancer mechanisms timed at each store size")
     ] = "multi-head,hyperbolic,moe",
+    index: Annotated[
+        str, typer.Option(help="store index kinds to time: flat, hnsw, hnsw-fp16")
+    ] = "flat,hnsw,hnsw-fp16",
 ) -> None:
     """Latency and throughput through VectorMemory (flat and HNSW), and flash vs top-K at 10k-1M vectors."""
     from headwise.bench.memory import (
@@ -414,9 +417,13 @@ def bench(
         store_latency,
     )
     from headwise.memory.enhancer import QueryEnhancer, load_enhancer
+    from headwise.memory.index import INDEX_KINDS
 
     try:
         names = [m for m in _methods(method) if m != "knn"]
+        kinds = [x.strip() for x in index.split(",") if x.strip()]
+        if any(x not in INDEX_KINDS for x in kinds):
+            raise bad_argument("--index", f"comma-separated kinds from {INDEX_KINDS}", repr(index))
         manifest, ds, docs, qemb = _load(dir)
         sub = ds.subset("test")
         enhancers = {"knn": None, **{n: load_enhancer(dir / "models" / n) for n in names}}
@@ -424,7 +431,7 @@ def bench(
         _fail(exc)
     tq = qemb[sub.index]
     result: dict = {"command": _command(ctx), "dataset": manifest, "machine": bench_info(), "latency": {}}
-    for kind in ("flat", "hnsw"):
+    for kind in kinds:
         with console.status(f"timing VectorMemory ({kind})"):
             t = store_latency(
                 docs, tq, enhancers, index=kind, ef_search=ef_search, hnsw_m=hnsw_m,

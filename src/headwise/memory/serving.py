@@ -91,19 +91,6 @@ class MultiHeadPlan:
     # score_feat.W[:, 0] - W[:, 1], which multiplies each candidate's score
     top_weight: np.ndarray  # (d,): score_feat.W[:, 1], multiplies the row's top score
 
-    @staticmethod
-    def sources(enh: Any) -> tuple[torch.Tensor, ...]:
-        """Every tensor :meth:`from_enhancer` reads (the enhancer's cache key for its plan)."""
-        mha = enh.attn
-        # The parameters themselves: mha._weights() would give fresh split views on every call.
-        proj = (mha.in_proj_weight,) if mha.fused else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-        tensors = (
-            *proj, mha.in_proj_bias, mha.head_gates, mha.out_proj.weight, mha.out_proj.bias,
-            enh.adapter.weight, enh.adapter.bias, enh.mix.weight, enh.mix.bias,
-            enh.score_feat.weight, enh.score_feat.bias, enh.rank,
-        )  # fmt: skip
-        return tuple(t for t in tensors if t is not None)
-
     @classmethod
     def from_enhancer(cls, enh: Any, dtype: type = np.float32) -> MultiHeadPlan:
         """Fold a ``QueryEnhancer(mechanism="multi-head")`` (its current parameters)."""

@@ -113,7 +113,9 @@ class VectorMemory:
     Args:
         dim: vector dimension d.
         metric: "cosine" (default), "ip" or "l2".
-        index: "flat" (exact; for evaluation) or "hnsw" (approximate; for serving).
+        index: "flat" (exact; for evaluation), "hnsw" (approximate; for serving) or "hnsw-fp16"
+            (the same graph over half-precision vectors: faster searches, scores rounded to
+            about 3 significant digits; see :mod:`headwise.memory.index`).
         path: a new or empty directory to persist to; None keeps everything in memory.
         hnsw_m, ef_construction, ef_search: HNSW graph degree, build and search beam widths.
         encoder: a :class:`~headwise.memory.encoder.TextEncoder` for ``add_texts`` / ``search_text``.
