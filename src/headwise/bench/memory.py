@@ -224,8 +224,12 @@ def store_latency(
                 mem.search(qs[i : i + 1], k)
                 timings[name].times.append(time.perf_counter() - t0)
 
-        def batched(enh: Any) -> Any:
-            return lambda: (mem.set_enhancer(enh), mem.search_batch(qb, k))[1]
+        def batched(enh: Any) -> Callable[[], Any]:
+            def call() -> Any:
+                mem.set_enhancer(enh)
+                return mem.search_batch(qb, k)
+
+            return call
 
         batch_times = _batched_seconds({name: batched(enh) for name, enh in enhancers.items()})
         out: dict[str, dict[str, float]] = {}

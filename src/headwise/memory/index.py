@@ -13,9 +13,10 @@ tombstones pass a fraction of the slots and on ``save``.
 
 ``"hnsw-fp16"`` is the same HNSW graph over vectors stored in IEEE half precision (faiss
 ``IndexHNSWSQ`` with ``QT_fp16``): half the bytes per vector, so a search, which is bound by
-fetching the vectors of the nodes it visits, runs about 1.4x faster at the same recall on
-MiniLM embeddings (``headwise memory bench``). Its scores are computed against the rounded
-vectors (relative error about 2^-11 per component); the exact vectors stay in SQLite.
+fetching the vectors of the nodes it visits, is faster at the same recall on MiniLM
+embeddings (``headwise memory bench`` times both; benchmarks/results/memory_latency.md).
+Its scores are computed against the rounded vectors (relative error about 2^-11 per
+component); the exact vectors stay in SQLite.
 
 Scores are "higher is better" for every metric: cosine similarity, inner product, or the
 *negative squared* L2 distance; padding is id -1 with score -inf.
