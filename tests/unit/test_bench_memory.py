@@ -30,3 +30,19 @@ def test_store_sizes_beyond_the_corpus_are_rejected():
     docs = _unit_vectors(50, 8)
     with pytest.raises(HeadwiseError, match="sizes"):
         mechanism_latency(docs, docs[:4], sizes=(100,), mechanisms=("multi-head",), single=2, batch=4)
+
+
+def test_the_batched_call_is_split_into_the_stages_of_an_enhanced_search():
+    from headwise.bench.memory import STAGES, store_latency
+    from headwise.memory.enhancer import QueryEnhancer
+
+    docs = _unit_vectors(400, 32)
+    enhancers = {"knn": None, "multi-head": QueryEnhancer(32, heads=4, candidates=8).eval()}
+    t = store_latency(docs, docs[:16], enhancers, index="hnsw", single=4, batch=16)
+    plain, enhanced = t["knn"]["batch_stage_us"], t["multi-head"]["batch_stage_us"]
+    # A plain search has no stages of its own: all of it is the one index search ("other").
+    assert set(plain) == {"other", "total"} and plain["other"] == pytest.approx(plain["total"])
+    assert set(enhanced) == {*STAGES, "other", "total"}
+    assert all(enhanced[s] > 0 for s in STAGES)
+    # Medians over the same calls: in every call the whole exceeds each part, so do the medians.
+    assert all(enhanced["total"] >= enhanced[s] for s in STAGES)

@@ -189,6 +189,7 @@ def store_latency(
     index: str = "hnsw",
     ef_search: int = 64,
     hnsw_m: int = 32,
+    ef_construction: int = 200,
     candidate_ef: int | None = None,
     single: int = 200,
     batch: int = 1000,
@@ -197,15 +198,19 @@ def store_latency(
     """Latency of :class:`~headwise.memory.store.VectorMemory` searches with each enhancer (None = plain).
 
     One store holds ``docs``; methods take turns per query (interleaved). Two recalls per method
-    on the batched queries: ``recall_vs_exact``, this index's top-k against exact search for the
-    queries it is sent (an enhanced search sends the refined queries of its second pass), and
+    on the batched queries: ``recall_vs_exact``, the store's top-k against exact search for the
+    queries it answers (an enhanced search answers the refined queries of its second pass; on
+    HNSW its result also holds the first pass's candidates, see ``merge_candidates``), and
     ``agreement_vs_exact``, the whole search against the same method on an exact (flat) store,
-    where the first pass is exact too.
+    where the first pass is exact too. ``batch_stage_us``: the batched call's time per query in
+    each stage (:data:`STAGES`, from the store's metrics).
     """
     from headwise.memory.evaluate import exact_search
     from headwise.memory.store import VectorMemory
 
-    mem = VectorMemory(docs.shape[1], metric="ip", index=index, ef_search=ef_search, hnsw_m=hnsw_m)
+    mem = VectorMemory(
+        docs.shape[1], metric="ip", index=index, ef_search=ef_search, hnsw_m=hnsw_m, ef_construction=ef_construction
+    )
     mem.add(docs)
     mem.candidate_ef = candidate_ef
     exact_mem = VectorMemory(docs.shape[1], metric="ip", index="flat")
@@ -224,29 +229,50 @@ def store_latency(
                 mem.search(qs[i : i + 1], k)
                 timings[name].times.append(time.perf_counter() - t0)
 
-        def batched(enh: Any) -> Callable[[], Any]:
+        stage_calls: dict[str, list[dict[str, float]]] = {name: [] for name in enhancers}
+
+        def batched(name: str, enh: Any) -> Callable[[], Any]:
             def call() -> Any:
                 mem.set_enhancer(enh)
-                return mem.search_batch(qb, k)
+                mem.metrics.reset()
+                result = mem.search_batch(qb, k)
+                stage_calls[name].append(_stage_seconds(mem.metrics.summary()))
+                return result
 
             return call
 
-        batch_times = _batched_seconds({name: batched(enh) for name, enh in enhancers.items()})
+        batch_times = _batched_seconds({name: batched(name, enh) for name, enh in enhancers.items()})
         out: dict[str, dict[str, float]] = {}
         for name, enh in enhancers.items():
             mem.set_enhancer(enh)
             found = mem.search_batch(qb, k)[1]
             out[name] = _latency_row(timings[name], len(qb), batch_times[name], docs.shape[1])
+            timed = stage_calls[name][1:]  # the first call is the untimed warm-up
+            out[name]["batch_stage_us"] = {
+                stage: 1e6 * statistics.median(c[stage] for c in timed) / len(qb) for stage in timed[0]
+            }
             sent = qb if enh is None else mem.refine_queries(qb)
-            out[name]["recall_vs_exact"] = _overlap(
-                mem.search_batch(sent, k, enhance=False)[1], exact_search(docs, sent, k)[1]
-            )
+            out[name]["recall_vs_exact"] = _overlap(found, exact_search(docs, sent, k)[1])
             exact_mem.set_enhancer(enh)
             out[name]["agreement_vs_exact"] = _overlap(found, exact_mem.search_batch(qb, k)[1])
     stored_bytes = mem.footprint()["bytes_per_vector"]  # index + SQLite, measured
     for row in out.values():
         row["bytes_per_vector"] = stored_bytes
     return out
+
+
+STAGES = ("first_pass", "candidates", "refine", "second_pass", "merge")
+
+
+def _stage_seconds(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Seconds of one search call spent in each stage of an enhanced search (from the store's metrics).
+
+    ``other``: the call's time outside the stages (argument checks, the cache, the
+    enhancer's plan lookup, the result assembly).
+    """
+    total = summary["search_batch"]["total_ms"] / 1e3
+    stages = {s: summary[s]["total_ms"] / 1e3 for s in STAGES if s in summary}
+    return {**stages, "other": total - sum(stages.values()), "total": total}
 
 
 def _overlap(found: np.ndarray, exact: np.ndarray) -> float:

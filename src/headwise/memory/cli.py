@@ -377,11 +377,12 @@ def _qps_cell(row: dict) -> str:
     return f"{row['batch_qps']:.0f} [{lo:.0f}, {hi:.0f}]"
 
 
-def _hnsw_label(kind: str, m: int, ef_search: int, candidate_ef: int) -> str:
+def _hnsw_label(kind: str, m: int, ef_search: int, candidate_ef: int, ef_construction: int = 200) -> str:
     if kind == "flat":
         return "exact"
     first = f", first pass ef {candidate_ef}" if candidate_ef else ""
-    return f"M={m}, ef_search={ef_search}{first}"
+    build = f", ef_construction={ef_construction}" if ef_construction != 200 else ""
+    return f"M={m}{build}, ef_search={ef_search}{first}"
 
 
 @memory_app.command()
@@ -395,6 +396,7 @@ def bench(
     sizes: Annotated[str, typer.Option(help="memory sizes for flash vs top-K ('' to skip)")] = "10000,100000,1000000",
     ef_search: Annotated[int, typer.Option(help="HNSW beam width of the (second) search pass")] = 64,
     hnsw_m: Annotated[int, typer.Option(help="HNSW graph degree M")] = 32,
+    ef_construction: Annotated[int, typer.Option(help="HNSW build beam width")] = 200,
     candidate_ef: Annotated[
         int, typer.Option(help="HNSW beam width of an enhanced search's first pass (0: ef-search)")
     ] = 0,
@@ -414,6 +416,7 @@ def bench(
     """Latency and throughput through VectorMemory (flat and HNSW), and flash vs top-K at 10k-1M vectors."""
     from headwise.bench.memory import (
         BATCH_ROUNDS,
+        STAGES,
         bench_info,
         flash_table,
         flash_vs_topk,
@@ -440,11 +443,15 @@ def bench(
     for kind in kinds:
         with console.status(f"timing VectorMemory ({kind})"):
             t = store_latency(
-                docs, tq, enhancers, index=kind, ef_search=ef_search, hnsw_m=hnsw_m,
+                docs, tq, enhancers, index=kind, ef_search=ef_search, hnsw_m=hnsw_m, ef_construction=ef_construction,
                 candidate_ef=candidate_ef or None, single=queries, batch=batch,
             )  # fmt: skip
         result["latency"][kind] = t
-        console.print(latency_table(t, f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef)})"))
+        console.print(
+            latency_table(
+                t, f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef, ef_construction)})"
+            )
+        )
     size_list = [int(x) for x in sizes.split(",") if x.strip()]
     if size_list and "multi-head" in enhancers:
         flash_dir = dir / "models" / "flash"
@@ -480,9 +487,12 @@ def bench(
                  f"{r['bytes_per_vector']:.0f}", f"{r['recall_vs_exact']:.3f}", f"{r['agreement_vs_exact']:.3f}"]
                 for n, r in t.items()
             ]  # fmt: skip
-            lines += markdown_table(
-                f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef)})", cols, cells
-            )
+            label = f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef, ef_construction)})"
+            lines += markdown_table(label, cols, cells)
+            stage_cols = ["method", *STAGES, "other", "total"]
+            cells = [[n, *(f"{r['batch_stage_us'].get(c, 0.0):.1f}" for c in stage_cols[1:])] for n, r in t.items()]
+            lines += markdown_table(f"{label}: batched call by stage (µs per query, median of {BATCH_ROUNDS})",
+                                    stage_cols, cells)  # fmt: skip
         if "flash_vs_topk" in result:
             cols = ["memory", "queries", "knn R@10", "top-K R@10", "flash R@10", "knn ms/q", "top-K ms/q", "flash ms/q"]
             cells = [

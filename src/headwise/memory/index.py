@@ -252,6 +252,47 @@ class SlotIndex:
         ids = np.where(missing, -1, self._id.view[np.where(missing, 0, slots)])
         return scores, ids, slots
 
+    def merge(
+        self,
+        queries: np.ndarray,
+        found: tuple[np.ndarray, np.ndarray, np.ndarray],
+        extra_slots: np.ndarray,
+        extra_vectors: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The top-k of a search's result ``found`` and further live slots, scored against ``queries``.
+
+        An approximate search can miss a neighbour that another search already found. Here
+        ``extra_slots`` (n, m) are such slots with their stored vectors ``extra_vectors`` (n, m, d)
+        (from :meth:`reconstruct`, so scored like the index scores them, up to rounding of the sum);
+        a slot found twice counts once. ``found``: (scores, ids, slots) (n, k) from :meth:`search`.
+        Returns (scores, ids, slots) (n, k), best first, -inf / -1 padded.
+        """
+        scores, _, slots = found
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        extra = np.matmul(extra_vectors, q[:, :, None])[..., 0]  # (n, m) inner products
+        if self.metric == "l2":  # -|q - x|^2
+            extra = (
+                2 * extra
+                - np.einsum("nd,nd->n", q, q)[:, None]
+                - np.einsum("nmd,nmd->nm", extra_vectors, extra_vectors)
+            )
+        # A slot already in the result, or a repeat of the slot before it (the store pads short
+        # candidate lists by repeating the last one), must not take a second place.
+        dup = (extra_slots[:, :, None] == slots[:, None, :]).any(axis=2)
+        dup[:, 1:] |= extra_slots[:, 1:] == extra_slots[:, :-1]
+        dup |= extra_slots < 0  # a row without candidates
+        extra[dup] = -np.inf
+        all_scores = np.concatenate([scores, extra.astype(np.float32)], axis=1)
+        all_slots = np.concatenate([slots, extra_slots], axis=1)
+        best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(all_scores, best, axis=1)
+        top_slots = np.take_along_axis(all_slots, best, axis=1)
+        missing = ~np.isfinite(top_scores)
+        top_slots[missing] = -1
+        ids = np.where(missing, -1, self._id.view[np.where(missing, 0, top_slots)])
+        return top_scores, ids, top_slots
+
     def memory_bytes(self) -> int:
         """Bytes faiss holds for this index: vector codes, plus the HNSW graph (neighbours, levels, offsets)."""
         index = self.index

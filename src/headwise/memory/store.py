@@ -181,6 +181,7 @@ class VectorMemory:
         self._index = slot_index
         self._lock = threading.RLock()
         self._candidate_ef: int | None = None
+        self._merge_candidates = True
 
     # ------------------------------------------------------------------ open / save / close
     @classmethod
@@ -304,6 +305,26 @@ class VectorMemory:
             self._candidate_ef = None if value is None else int(value)
             self.cache.clear()
 
+    @property
+    def merge_candidates(self) -> bool:
+        """Whether an enhanced HNSW search merges its first-pass candidates into its result (default True); not saved.
+
+        The second pass is approximate and may miss a neighbour of the refined query that the
+        first pass already found: merged, the K candidates are scored against the refined query
+        and compete with the second pass's top-k, so the result is never worse than either
+        pass, and the second pass reaches a given recall with a smaller ``ef_search``.
+        Exact ("flat") searches do not merge: their second pass already holds the true top-k.
+        """
+        return self._merge_candidates
+
+    @merge_candidates.setter
+    def merge_candidates(self, value: bool) -> None:
+        if not isinstance(value, bool | np.bool_):
+            raise bad_argument("merge_candidates", "a bool", repr(value))
+        with self._lock:
+            self._merge_candidates = bool(value)
+            self.cache.clear()
+
     # ------------------------------------------------------------------ writes
     def add(
         self,
@@ -386,11 +407,12 @@ class VectorMemory:
         """The queries (n, d) that an enhanced search sends to its second pass (needs an enhancer).
 
         Inspection and evaluation: ``search(q, k)`` returns the same as
-        ``search(refine_queries(q), k, enhance=False)``.
+        ``search(refine_queries(q), k, enhance=False)`` on a flat index, and on HNSW when
+        ``merge_candidates`` is off (with it on, the first-pass candidates compete too).
         """
         with self._lock:
             self._use_enhancer(True)
-            return self._refined(self._check_vectors(queries, "queries"))
+            return self._second_pass_inputs(self._check_vectors(queries, "queries"))[0]
 
     def search_text(self, query: str, k: int, *, enhance: bool | None = None) -> list[Hit]:
         """Encode ``query`` and return up to k hits (id, score, text, metadata), best first."""
@@ -463,9 +485,17 @@ class VectorMemory:
 
     def _search_rows(self, q: np.ndarray, k: int, use_enhancer: bool) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids (n, k) of checked queries, by the enhanced two-pass search or one pass."""
-        if use_enhancer:
-            return self._index.search(self._refined(q), k)[:2]
-        return self._index.search(q, k)[:2]
+        if not use_enhancer:
+            return self._index.search(q, k)[:2]
+        refined, first = self._second_pass_inputs(q)
+        start = time.perf_counter()
+        found = self._index.search(refined, k)
+        self.metrics.record("second_pass", time.perf_counter() - start, len(q))
+        if first is not None and self._index.is_hnsw and self.merge_candidates:
+            start = time.perf_counter()
+            found = self._index.merge(refined, found, *first, k)
+            self.metrics.record("merge", time.perf_counter() - start, len(q))
+        return found[:2]
 
     def _use_enhancer(self, enhance: bool | None) -> bool:
         if enhance is None:
@@ -474,36 +504,49 @@ class VectorMemory:
             raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
         return bool(enhance)
 
-    def _refined(self, q: np.ndarray) -> np.ndarray:
-        """The second pass's queries: q refined by the enhancer from its first-pass top-K."""
+    def _second_pass_inputs(self, q: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The second pass's queries (q refined by the enhancer from its first-pass top-K), and that
+        top-K as (slots (n, K), vectors (n, K, d)), or None when the enhancer takes no candidates.
+
+        Rows with fewer than K candidates (HNSW may return fewer) repeat their last one, so the
+        enhancer never sees padding; rows with none keep their query and have slots -1.
+        """
         enh = self.enhancer
         if not getattr(enh, "uses_candidates", True):
-            return self._refine(q, None, None)
+            return self._refine(q, None, None), None
         big_k = min(int(enh.candidates), self._index.n_live)
         if big_k == 0:
-            return q
+            return q, None
+        start = time.perf_counter()
         first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
         s1, _, slots = self._index.search(first, big_k, ef=self._candidate_ef)
+        self.metrics.record("first_pass", time.perf_counter() - start, len(q))
         if slots.min() >= 0:  # the common case: K candidates in every row
-            return self._refine(q, slots, s1)
+            vectors = self._gather(slots)
+            return self._refine(q, vectors, s1), (slots, vectors)
         has_any = slots[:, 0] >= 0
+        last = np.maximum.accumulate(np.where(slots >= 0, np.arange(big_k), 0), axis=1)
+        slots = np.take_along_axis(slots, last, axis=1)  # rows without any stay at -1
+        s1 = np.take_along_axis(s1, last, axis=1)
+        vectors = self._gather(np.maximum(slots, 0))
         refined = q.copy()
         if has_any.any():
-            # HNSW may return fewer than K: a row repeats its last candidate so that the
-            # enhancer never sees padding (-1 slots, -inf scores).
-            s1, slots = s1[has_any], slots[has_any]
-            last = np.maximum.accumulate(np.where(slots >= 0, np.arange(big_k), 0), axis=1)
-            slots = np.take_along_axis(slots, last, axis=1)
-            s1 = np.take_along_axis(s1, last, axis=1)
-            refined[has_any] = self._refine(q[has_any], slots, s1)
-        return refined
+            refined[has_any] = self._refine(q[has_any], vectors[has_any], s1[has_any])
+        return refined, (slots, vectors)
 
-    def _refine(self, q: np.ndarray, slots: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
-        """The enhancer's refined queries (n, d) from candidate slots and scores (n, K), checked.
+    def _gather(self, slots: np.ndarray) -> np.ndarray:
+        """The stored vectors (n, K, d) of candidate slots (n, K)."""
+        start = time.perf_counter()
+        vectors = self._index.reconstruct(slots)
+        self.metrics.record("candidates", time.perf_counter() - start, len(slots))
+        return vectors
 
-        ``slots`` None: the enhancer ignores candidates and is called with the queries alone.
+    def _refine(self, q: np.ndarray, vectors: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
+        """The enhancer's refined queries (n, d) from candidate vectors (n, K, d) and scores (n, K), checked.
+
+        ``vectors`` None: the enhancer ignores candidates and is called with the queries alone.
         """
-        args = (q,) if slots is None else (q, self._index.reconstruct(slots), scores)  # candidates (n, K, d)
+        args = (q,) if vectors is None else (q, vectors, scores)
         start = time.perf_counter()
         out = np.asarray(self.enhancer.refine(*args), dtype=np.float32)
         self.metrics.record("refine", time.perf_counter() - start, len(q))
