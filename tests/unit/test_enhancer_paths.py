@@ -9,6 +9,7 @@ import torch
 
 from headwise.errors import HeadwiseError
 from headwise.memory.enhancer import LinearAdapter, QueryEnhancer
+from headwise.memory import serving
 from headwise.memory.serving import LinearPlan, MultiHeadPlan
 
 
@@ -38,11 +39,20 @@ def test_no_grad_readout_equals_the_training_readout():
     assert not torch.allclose(serve_path, q)  # the weights do something
 
 
+# n = 6 runs the numpy plan; n = 300 the torch blocks (TORCH_BLOCK = 256: one full, one partial).
+PATHS = [6, 300]
+
+
+def test_the_two_plan_paths_are_the_batch_sizes_of_the_tests():
+    assert PATHS[0] < serving.TORCH_MIN_BATCH <= serving.TORCH_BLOCK < PATHS[1] < 2 * serving.TORCH_BLOCK
+
+
+@pytest.mark.parametrize("n", PATHS)
 @pytest.mark.parametrize("K", [5, 3])  # a store may hand fewer candidates than the enhancer's K
-def test_multi_head_plan_equals_forward_float64(K):
+def test_multi_head_plan_equals_forward_float64(K, n):
     enh = _random_enhancer()
     enh.attn.head_gates.data = torch.tensor([1.0, 0.0, 0.5, 2.0], dtype=torch.float64)  # gates are folded too
-    q, cand, scores = _inputs(K=K)
+    q, cand, scores = _inputs(n=n, K=K)
     with torch.no_grad():
         ref = enh(q, cand, scores).numpy()
     plan = MultiHeadPlan.from_enhancer(enh, np.float64)
@@ -50,7 +60,8 @@ def test_multi_head_plan_equals_forward_float64(K):
     np.testing.assert_allclose(got, ref, atol=1e-12, rtol=0)
 
 
-def test_multi_head_plan_handles_gqa_and_no_bias():
+@pytest.mark.parametrize("n", PATHS)
+def test_multi_head_plan_handles_gqa_and_no_bias(n):
     enh = _random_enhancer()
     from headwise.modules import MultiHeadAttention
 
@@ -58,7 +69,7 @@ def test_multi_head_plan_handles_gqa_and_no_bias():
     with torch.no_grad():
         for p in enh.attn.parameters():
             p.normal_(std=0.2)
-    q, cand, scores = _inputs()
+    q, cand, scores = _inputs(n=n)
     with torch.no_grad():
         ref = enh(q, cand, scores).numpy()
     got = MultiHeadPlan.from_enhancer(enh, np.float64).refine(q.numpy(), cand.numpy(), scores.numpy())
@@ -213,3 +224,14 @@ def test_refine_reuses_the_adapted_queries_of_the_first_pass_only_for_the_same_q
     np.testing.assert_allclose(plan.refine(other, cand, scores), plan.refine(other, cand, scores), atol=0)
     expected = MultiHeadPlan.from_enhancer(enh, np.float64).refine(other, cand, scores)
     np.testing.assert_allclose(plan.refine(other, cand, scores), expected, atol=1e-12, rtol=0)
+
+
+def test_float32_plan_blocks_match_the_float64_forward():
+    enh = _random_enhancer()
+    q, cand, scores = _inputs(n=300)
+    with torch.no_grad():
+        ref = enh(q, cand, scores).numpy()
+    plan = MultiHeadPlan.from_enhancer(enh, np.float32)
+    got = plan.refine(*(x.numpy().astype(np.float32) for x in (q, cand, scores)))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)

@@ -117,3 +117,34 @@ def test_merge_candidates_takes_a_bool_and_flat_search_never_merges():
     hnsw.set_enhancer(MeanOfCandidates(candidates=5))
     hnsw.search(unit(3, 9), k=4)
     assert hnsw.metrics.summary()["merge"]["count"] == 1
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "hnsw-fp16"])
+def test_reconstruct_into_the_workspace_equals_a_fresh_gather_and_is_overwritten(kind):
+    idx = SlotIndex(DIM, "ip", kind)
+    idx.add(np.arange(50), np.arange(50), unit(50, 10))
+    a, b = np.array([[3, 1], [4, 1]]), np.array([[5, 9], [2, 6]])
+    fresh_a = idx.reconstruct(a)
+    got_a = idx.reconstruct(a, reuse=True)
+    np.testing.assert_array_equal(got_a, fresh_a)
+    got_b = idx.reconstruct(b, reuse=True)
+    np.testing.assert_array_equal(got_b, idx.reconstruct(b))
+    assert np.shares_memory(got_a, got_b)  # one workspace: the first result is gone
+    np.testing.assert_array_equal(got_a, got_b)
+    assert not np.shares_memory(fresh_a, idx.reconstruct(a))  # without reuse: a new array each time
+
+
+def test_refined_queries_never_alias_the_candidate_workspace():
+    class FirstCandidate:
+        candidates = 3
+
+        def refine(self, queries, cand_vectors, cand_scores):
+            return cand_vectors[:, 0]  # a view into the store's workspace
+
+    mem = VectorMemory(DIM, metric="ip", index="hnsw")
+    mem.add(unit(100, 11))
+    mem.set_enhancer(FirstCandidate())
+    r1 = mem.refine_queries(unit(4, 12))
+    kept = r1.copy()
+    mem.refine_queries(unit(4, 13))  # overwrites the workspace
+    np.testing.assert_array_equal(r1, kept)

@@ -90,6 +90,10 @@ class MultiHeadPlan:
     token_extra: np.ndarray  # (K + 1, d): rank embedding + score-feature bias per rank; last row
     # score_feat.W[:, 0] - W[:, 1], which multiplies each candidate's score
     top_weight: np.ndarray  # (d,): score_feat.W[:, 1], multiplies the row's top score
+    # The batched path (_refine_blocks) carries the token terms through the head maps first:
+    key_extra: np.ndarray  # (H, d_h, K + 1): key_fold_h @ token_extra^T, so u . t_j = q_h . key_extra_h
+    value_extra: np.ndarray  # (H, K + 1, d_h): token_extra @ value_t_h
+    value_top: np.ndarray  # (H, 1, d_h): top_weight @ value_t_h
 
     @classmethod
     def from_enhancer(cls, enh: Any, dtype: type = np.float32) -> MultiHeadPlan:
@@ -119,6 +123,7 @@ class MultiHeadPlan:
             out_b = mha.out_proj.bias
             out_b = torch.zeros(d, **f64) if out_b is None else out_b.to(**f64)
             sf_w, sf_b = enh.score_feat.weight.to(**f64), enh.score_feat.bias.to(**f64)
+            token_extra = torch.cat([enh.rank.to(**f64) + sf_b, (sf_w[:, 0] - sf_w[:, 1])[None]])
             return cls(
                 heads=H,
                 in_matrix=_np(in_matrix, dtype),
@@ -128,8 +133,11 @@ class MultiHeadPlan:
                 value_bias=_np(value_bias, dtype),
                 out_matrix=_np((mix_w @ out_w).T, dtype),
                 out_bias=_np(mix_w @ out_b + mix_b, dtype),
-                token_extra=_np(torch.cat([enh.rank.to(**f64) + sf_b, (sf_w[:, 0] - sf_w[:, 1])[None]]), dtype),
+                token_extra=_np(token_extra, dtype),
                 top_weight=_np(sf_w[:, 1], dtype),
+                key_extra=_np(key_fold @ token_extra.T, dtype),
+                value_extra=_np(token_extra @ value_t, dtype),
+                value_top=_np((sf_w[:, 1] @ value_t)[:, None], dtype),
             )
 
     # The last adapted queries, (q, q + A q + a): a store's first pass asks for them and its
@@ -153,13 +161,20 @@ class MultiHeadPlan:
         return proj[:, :d], proj[:, d:]
 
     def refine(self, q: np.ndarray, cand: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """q (n, d), cand (n, K, d), scores (n, K) -> refined queries (n, d), L2-normalised."""
+        """q (n, d), cand (n, K, d), scores (n, K) -> refined queries (n, d), L2-normalised.
+
+        Batches of at least ``TORCH_MIN_BATCH`` queries run the same algebra with torch, in
+        blocks of ``TORCH_BLOCK`` queries (:meth:`_refine_blocks`).
+        """
         n, K, d = cand.shape
-        H, max_k = self.heads, len(self.token_extra) - 1
+        max_k = len(self.token_extra) - 1
         if max_k < K:
             raise bad_argument("cand_vectors", f"at most K={max_k} candidates", K)
         # Token j = cand_j + t_j + s_j w + s_top w', with t_j = rank_j + score-feature bias. The
         # (n, K, d) tokens are never built: each term meets u (logits) or p (weighted sum) alone.
+        if n >= TORCH_MIN_BATCH:
+            return self._refine_blocks(q, cand, scores)
+        H = self.heads
         extra = self.token_extra if max_k == K else self.token_extra[[*range(K), -1]]
         qa, qp = self._projections(q)
         qh = qp.reshape(n, H, -1).transpose(1, 0, 2)  # (H, n, d_h)
@@ -179,3 +194,49 @@ class MultiHeadPlan:
         o = np.matmul(mean.transpose(1, 0, 2), self.value_t) + self.value_bias  # (H, n, d_h)
         read = o.transpose(1, 0, 2).reshape(n, -1) @ self.out_matrix + self.out_bias
         return _normalize(qa + read)
+
+    @torch.inference_mode()
+    def _refine_blocks(self, q: np.ndarray, cand: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """:meth:`refine` for a batch, with torch on views of the same arrays, block by block.
+
+        numpy multiplies the n stacked (H, d) x (d, K) products one after another on one
+        thread; torch's bmm spreads them over the cores. The rank and score terms of the tokens
+        go through the head maps first (``key_extra``, ``value_extra``, ``value_top``), so they
+        cost (K + 1) x d_h products per head instead of (K + 1) x d. A block of
+        ``TORCH_BLOCK`` queries keeps its temporaries small enough for the allocator to reuse.
+        """
+        n, K, d = cand.shape
+        H = self.heads
+        rows = slice(None) if len(self.token_extra) - 1 == K else [*range(K), -1]
+        t = {name: torch.from_numpy(getattr(self, name)) for name in _TORCH_FIELDS}
+        key_extra = torch.from_numpy(np.ascontiguousarray(self.key_extra[:, :, rows]))  # (H, d_h, K + 1)
+        value_extra = torch.from_numpy(np.ascontiguousarray(self.value_extra[:, rows]))  # (H, K + 1, d_h)
+        dtype = self.in_matrix.dtype  # torch does not mix float32 and float64 operands
+        q_all, c_all, s_all = (torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in (q, cand, scores))
+        out = torch.empty((n, d), dtype=q_all.dtype)
+        for lo in range(0, n, TORCH_BLOCK):
+            qb, cb, sb = q_all[lo : lo + TORCH_BLOCK], c_all[lo : lo + TORCH_BLOCK], s_all[lo : lo + TORCH_BLOCK]
+            m = len(qb)
+            proj = torch.addmm(t["in_bias"], qb, t["in_matrix"])  # (m, 2d): [qa | query projection]
+            qh = proj[:, d:].reshape(m, H, -1).transpose(0, 1)  # (H, m, d_h)
+            u = torch.bmm(qh, t["key_fold"]).transpose(0, 1)  # (m, H, d): W_k,h^T q_h, scaled
+            ue = torch.bmm(qh, key_extra).transpose(0, 1)  # (m, H, K + 1): u . t_j and u . w
+            logits = torch.bmm(u, cb.transpose(1, 2))  # (m, H, K)
+            logits += ue[..., :K]
+            logits.addcmul_(ue[..., K:], sb[:, None, :])
+            p = torch.softmax(logits, dim=-1)
+            pe = torch.cat([p, torch.bmm(p, sb[:, :, None])], dim=-1)  # [p | p . s]
+            o = torch.bmm(torch.bmm(p, cb).transpose(0, 1), t["value_t"])  # (H, m, d_h)
+            o += torch.bmm(pe.transpose(0, 1), value_extra)
+            o += t["value_bias"] + sb[:, 0].view(1, m, 1) * t["value_top"]
+            read = torch.addmm(t["out_bias"], o.transpose(0, 1).reshape(m, -1), t["out_matrix"])
+            out[lo : lo + m] = torch.nn.functional.normalize(proj[:, :d] + read, dim=1)
+        return out.numpy()
+
+
+#: Batches from this many queries refine with torch (:meth:`MultiHeadPlan._refine_blocks`);
+#: below it numpy's lower cost per operation wins (a served single query is ~20 operations).
+TORCH_MIN_BATCH = 32
+#: Queries per block of the torch path.
+TORCH_BLOCK = 256
+_TORCH_FIELDS = ("in_matrix", "in_bias", "key_fold", "value_t", "value_bias", "out_matrix", "out_bias", "value_top")

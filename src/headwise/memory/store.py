@@ -537,7 +537,7 @@ class VectorMemory:
     def _gather(self, slots: np.ndarray) -> np.ndarray:
         """The stored vectors (n, K, d) of candidate slots (n, K)."""
         start = time.perf_counter()
-        vectors = self._index.reconstruct(slots)
+        vectors = self._index.reconstruct(slots, reuse=True)  # used until this search returns
         self.metrics.record("candidates", time.perf_counter() - start, len(slots))
         return vectors
 
@@ -549,6 +549,8 @@ class VectorMemory:
         args = (q,) if vectors is None else (q, vectors, scores)
         start = time.perf_counter()
         out = np.asarray(self.enhancer.refine(*args), dtype=np.float32)
+        if vectors is not None and np.may_share_memory(out, vectors):
+            out = out.copy()  # the candidates live in a workspace that the next search overwrites
         self.metrics.record("refine", time.perf_counter() - start, len(q))
         if out.shape != (len(q), self.dim) or not np.isfinite(out).all():
             raise HeadwiseError(
