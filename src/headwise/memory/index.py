@@ -47,6 +47,7 @@ INDEX_KINDS = ("flat", "hnsw", "hnsw-fp16")
 #: (1,000 queries x 32 candidates x 384 dims is 47 MiB).
 WORKSPACE_BYTES = 64 << 20
 _WIDEN_BLOCK = 8192  # rows widened from half precision per step (6 MB of codes at d = 384)
+_TORCH_MIN_ROWS = 32  # merge() scores batches from this many queries with torch, smaller ones with numpy
 
 
 class _Growable:
@@ -295,8 +296,10 @@ class SlotIndex:
         scores, _, slots = found
         q = np.ascontiguousarray(queries, dtype=np.float32)
         vectors = np.ascontiguousarray(extra_vectors, dtype=np.float32)
-        # (n, m) inner products; as (1, d) x (d, m) products, which torch runs faster than (m, d) x (d, 1)
-        extra = torch.bmm(torch.from_numpy(q)[:, None, :], torch.from_numpy(vectors).transpose(1, 2))[:, 0].numpy()
+        if len(q) >= _TORCH_MIN_ROWS:  # (n, m) inner products; torch spreads a batch over the cores, as (1, d) x (d, m)
+            extra = torch.bmm(torch.from_numpy(q)[:, None, :], torch.from_numpy(vectors).transpose(1, 2))[:, 0].numpy()
+        else:  # numpy costs a few µs per call where torch costs tens
+            extra = np.matmul(vectors, q[:, :, None])[..., 0]
         if self.metric == "l2":  # -|q - x|^2
             extra = 2 * extra - np.einsum("nd,nd->n", q, q)[:, None] - np.einsum("nmd,nmd->nm", vectors, vectors)
         # A slot already in the result, or a repeat of the slot before it (the store pads short
@@ -310,6 +313,8 @@ class SlotIndex:
         best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
         top_scores = np.take_along_axis(all_scores, best, axis=1)
         top_slots = np.take_along_axis(all_slots, best, axis=1)
+        if np.isfinite(top_scores).all():  # the common case: k results in every row
+            return top_scores, self._id.view[top_slots], top_slots
         missing = ~np.isfinite(top_scores)
         top_slots[missing] = -1
         ids = np.where(missing, -1, self._id.view[np.where(missing, 0, top_slots)])
