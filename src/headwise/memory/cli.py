@@ -377,6 +377,10 @@ def _qps_cell(row: dict) -> str:
     return f"{row['batch_qps']:.0f} [{lo:.0f}, {hi:.0f}]"
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"  # "-": the search has no such stage
+
+
 def _hnsw_label(kind: str, m: int, ef_search: int, candidate_ef: int, ef_construction: int = 200) -> str:
     if kind == "flat":
         return "exact"
@@ -490,7 +494,7 @@ def bench(
             label = f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef, ef_construction)})"
             lines += markdown_table(label, cols, cells)
             stage_cols = ["method", *STAGES, "other", "total"]
-            cells = [[n, *(f"{r['batch_stage_us'].get(c, 0.0):.1f}" for c in stage_cols[1:])] for n, r in t.items()]
+            cells = [[n, *(_us(r["batch_stage_us"].get(c)) for c in stage_cols[1:])] for n, r in t.items()]
             lines += markdown_table(f"{label}: batched call by stage (µs per query, median of {BATCH_ROUNDS})",
                                     stage_cols, cells)  # fmt: skip
         if "flash_vs_topk" in result:
