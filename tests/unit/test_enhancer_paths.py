@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from headwise.errors import HeadwiseError
-from headwise.memory.enhancer import LinearAdapter, QueryEnhancer
 from headwise.memory import serving
+from headwise.memory.enhancer import LinearAdapter, QueryEnhancer
 from headwise.memory.serving import LinearPlan, MultiHeadPlan
 
 

@@ -1,4 +1,4 @@
-"""Folded numpy plans of trained enhancers: the same refined queries in about twenty numpy operations.
+"""Folded plans of trained enhancers: the same refined queries in about twenty array operations.
 
 The torch enhancers are written for training (autograd, dropout, any batch). A served
 query is one row, where the fixed cost of ~40 small torch operations outweighs their
@@ -14,6 +14,10 @@ matrices instead:
   weighted sum; the head gates, output projection and mixing layer are one (d, d) matrix with
   one bias. Same formula as :meth:`~headwise.modules.MultiHeadAttention.folded_cross_attention`,
   checked against the torch forward in the tests (float64: 1e-12).
+
+A batch of at least ``TORCH_MIN_BATCH`` queries runs the multi-head plan with torch instead,
+on views of the same arrays, in blocks (``MultiHeadPlan._refine_blocks``): numpy multiplies the
+stacked per-query products one after another on one thread, torch's bmm uses every core.
 
 Plans are built in float64 from the module's parameters and stored in float32 (or float64
 for exact comparisons). They are a snapshot: the enhancer rebuilds its plan when any
