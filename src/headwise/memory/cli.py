@@ -381,7 +381,7 @@ def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"  # "-": the search has no such stage
 
 
-def _hnsw_label(kind: str, m: int, ef_search: int, candidate_ef: int, ef_construction: int = 200) -> str:
+def _hnsw_label(kind: str, m: int, ef_search: int, candidate_ef: int, ef_construction: int) -> str:
     if kind == "flat":
         return "exact"
     first = f", first pass ef {candidate_ef}" if candidate_ef else ""

@@ -269,7 +269,10 @@ class SlotIndex:
                 np.full((n, k), -1, dtype=np.int64),
             )
         D, slots = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._search_params(ef))
-        scores = -D if self.metric == "l2" else D
+        return self._with_ids(-D if self.metric == "l2" else D, slots)
+
+    def _with_ids(self, scores: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, ids, slots) (n, k) of a result, with score -inf and id -1 where the slot is -1."""
         if slots.min() >= 0:  # the common case: k results in every row
             return scores, self._id.view[slots], slots
         missing = slots < 0
@@ -313,12 +316,8 @@ class SlotIndex:
         best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
         top_scores = np.take_along_axis(all_scores, best, axis=1)
         top_slots = np.take_along_axis(all_slots, best, axis=1)
-        if np.isfinite(top_scores).all():  # the common case: k results in every row
-            return top_scores, self._id.view[top_slots], top_slots
-        missing = ~np.isfinite(top_scores)
-        top_slots[missing] = -1
-        ids = np.where(missing, -1, self._id.view[np.where(missing, 0, top_slots)])
-        return top_scores, ids, top_slots
+        top_slots[np.isneginf(top_scores)] = -1  # places that neither search filled
+        return self._with_ids(top_scores, top_slots)
 
     def memory_bytes(self) -> int:
         """Bytes faiss holds for this index: vector codes, plus the HNSW graph (neighbours, levels, offsets)."""

@@ -488,13 +488,11 @@ class VectorMemory:
         if not use_enhancer:
             return self._index.search(q, k)[:2]
         refined, first = self._second_pass_inputs(q)
-        start = time.perf_counter()
-        found = self._index.search(refined, k)
-        self.metrics.record("second_pass", time.perf_counter() - start, len(q))
+        with self.metrics.timer("second_pass", len(q)):
+            found = self._index.search(refined, k)
         if first is not None and self._index.is_hnsw and self.merge_candidates:
-            start = time.perf_counter()
-            found = self._index.merge(refined, found, *first, k)
-            self.metrics.record("merge", time.perf_counter() - start, len(q))
+            with self.metrics.timer("merge", len(q)):
+                found = self._index.merge(refined, found, *first, k)
         return found[:2]
 
     def _use_enhancer(self, enhance: bool | None) -> bool:
@@ -517,10 +515,9 @@ class VectorMemory:
         big_k = min(int(enh.candidates), self._index.n_live)
         if big_k == 0:
             return q, None
-        start = time.perf_counter()
-        first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
-        s1, _, slots = self._index.search(first, big_k, ef=self._candidate_ef)
-        self.metrics.record("first_pass", time.perf_counter() - start, len(q))
+        with self.metrics.timer("first_pass", len(q)):
+            first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
+            s1, _, slots = self._index.search(first, big_k, ef=self._candidate_ef)
         if slots.min() >= 0:  # the common case: K candidates in every row
             vectors = self._gather(slots)
             return self._refine(q, vectors, s1), (slots, vectors)
@@ -536,10 +533,8 @@ class VectorMemory:
 
     def _gather(self, slots: np.ndarray) -> np.ndarray:
         """The stored vectors (n, K, d) of candidate slots (n, K)."""
-        start = time.perf_counter()
-        vectors = self._index.reconstruct(slots, reuse=True)  # used until this search returns
-        self.metrics.record("candidates", time.perf_counter() - start, len(slots))
-        return vectors
+        with self.metrics.timer("candidates", len(slots)):
+            return self._index.reconstruct(slots, reuse=True)  # used until this search returns
 
     def _refine(self, q: np.ndarray, vectors: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
         """The enhancer's refined queries (n, d) from candidate vectors (n, K, d) and scores (n, K), checked.
