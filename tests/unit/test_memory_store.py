@@ -546,12 +546,18 @@ def test_slot_index_reconstruct_gathers_the_stored_vectors(kind):
     index = SlotIndex(8, "ip", kind)
     index.add(np.arange(50), np.arange(50), vecs)
     slots = rng.integers(0, 50, (4, 3))
-    np.testing.assert_array_equal(index.reconstruct(slots), vecs[slots])  # (n, K, d)
+    np.testing.assert_array_equal(index.reconstruct(slots), vecs[slots])  # (n, K, d), gathered by numpy
+    many = rng.integers(0, 50, (30, 20))  # 600 rows: more than _NUMPY_MAX_ROWS, gathered by torch
+    np.testing.assert_array_equal(index.reconstruct(many), vecs[many])
+    np.testing.assert_array_equal(index.reconstruct(many, reuse=True), vecs[many])
     index.add(np.arange(50, 60), np.arange(50, 60), vecs[:10])  # faiss may move its storage: a fresh view
     np.testing.assert_array_equal(index.reconstruct(np.array([55, 0])), vecs[[5, 0]])
+    index.remove_seqs(np.arange(0, 60, 2))
+    index.compact()  # a new faiss index: slot i now holds the old slot 2 i + 1
+    np.testing.assert_array_equal(index.reconstruct(np.array([0, 29])), vecs[[1, 9]])
     assert index.reconstruct(np.empty(0, dtype=np.int64)).shape == (0, 8)
     with pytest.raises(HeadwiseError, match="slots"):
-        index.reconstruct(np.array([0, 60]))
+        index.reconstruct(np.array([0, 30]))
     with pytest.raises(HeadwiseError, match="slots"):
         index.reconstruct(np.array([-1]))
 

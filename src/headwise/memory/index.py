@@ -47,6 +47,7 @@ INDEX_KINDS = ("flat", "hnsw", "hnsw-fp16")
 #: (1,000 queries x 32 candidates x 384 dims is 47 MiB).
 WORKSPACE_BYTES = 64 << 20
 _WIDEN_BLOCK = 8192  # rows widened from half precision per step (6 MB of codes at d = 384)
+_NUMPY_MAX_ROWS = 256  # reconstruct() gathers up to this many rows with numpy, more with torch on both cores
 _TORCH_MIN_ROWS = 32  # merge() scores batches from this many queries with torch, smaller ones with numpy
 
 
@@ -108,6 +109,7 @@ class SlotIndex:
         self._bitmap: np.ndarray | None = None  # kept alive while faiss holds a pointer into it
         self._selector: faiss.IDSelector | None = None
         self._workspace: np.ndarray | None = None  # see reconstruct(reuse=True)
+        self._stored_view: np.ndarray | None = None  # see _stored()
 
     def _new_index(self) -> faiss.Index:
         faiss_metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
@@ -160,6 +162,7 @@ class SlotIndex:
         """Append ``vectors`` (n, d) float32 (already normalised for cosine) as live slots."""
         if len(vectors) == 0:
             return
+        self._stored_view = None  # faiss may move its storage
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         self._seq.extend(seqs)
         self._id.extend(ids)
@@ -192,11 +195,11 @@ class SlotIndex:
     def reconstruct(self, slots: np.ndarray, *, reuse: bool = False) -> np.ndarray:
         """Stored vectors ``slots.shape + (d,)`` float32 of ``slots`` (any shape, each in [0, n_slots)).
 
-        Gathered with torch (on both cores) from a view of faiss's storage, one vectorised
-        gather instead of faiss's ``reconstruct_batch`` (a virtual call and copy per vector)
-        for the (n, K) candidates of an enhanced search; "hnsw-fp16" widens its half-precision
-        codes block by block. The view is made per call, since faiss reallocates the storage
-        when vectors are added.
+        Gathered from a view of faiss's storage (:meth:`_stored`), one vectorised gather
+        instead of faiss's ``reconstruct_batch`` (a virtual call and copy per vector): with
+        numpy for up to ``_NUMPY_MAX_ROWS`` rows (one query's candidates), with torch on both
+        cores for more (a batch's (n, K) candidates); "hnsw-fp16" widens its half-precision
+        codes, block by block in torch.
 
         ``reuse``: write into a workspace that this index keeps (up to ``WORKSPACE_BYTES``) and
         overwrites on the next ``reuse`` call, instead of a new array: a fresh array of tens of
@@ -208,26 +211,43 @@ class SlotIndex:
             return np.empty(shape, dtype=np.float32)
         if slots.min() < 0 or slots.max() >= self.n_slots:
             raise HeadwiseError(f"index: expected slots in [0, {self.n_slots}), got {slots.min()}..{slots.max()}")
-        size = int(np.prod(shape))
+        size = slots.size * self.dim
         if reuse and size * 4 <= WORKSPACE_BYTES:
             if self._workspace is None or self._workspace.size < size:
                 self._workspace = np.empty(size, dtype=np.float32)
             out = self._workspace[:size].reshape(shape)
         else:
             out = np.empty(shape, dtype=np.float32)
-        flat_out = torch.from_numpy(out).view(-1, self.dim)
-        rows = torch.from_numpy(slots.reshape(-1))
-        if self.kind == "hnsw-fp16":  # the codes are the vectors in IEEE half precision
-            sq = faiss.downcast_index(self.index.storage)
-            codes = faiss.rev_swig_ptr(sq.codes.data(), self.n_slots * sq.code_size)
-            stored16 = torch.from_numpy(codes.view(np.float16).reshape(self.n_slots, self.dim))
-            for lo in range(0, len(rows), _WIDEN_BLOCK):  # small half-precision temporaries
-                flat_out[lo : lo + _WIDEN_BLOCK].copy_(stored16.index_select(0, rows[lo : lo + _WIDEN_BLOCK]))
+        stored = self._stored()
+        flat_slots = slots.reshape(-1)
+        flat_out = out.reshape(-1, self.dim)
+        if len(flat_slots) <= _NUMPY_MAX_ROWS:  # one query's candidates: numpy costs a few µs where torch costs tens
+            flat_out[...] = stored[flat_slots]  # fp16: widened on assignment
             return out
-        flat = self.index if self.kind == "flat" else faiss.downcast_index(self.index.storage)
-        stored = faiss.rev_swig_ptr(flat.get_xb(), self.n_slots * self.dim).reshape(self.n_slots, self.dim)
-        torch.index_select(torch.from_numpy(stored), 0, rows, out=flat_out)
+        rows, stored_t, out_t = torch.from_numpy(flat_slots), torch.from_numpy(stored), torch.from_numpy(flat_out)
+        if self.kind == "hnsw-fp16":  # small half-precision temporaries
+            for lo in range(0, len(rows), _WIDEN_BLOCK):
+                out_t[lo : lo + _WIDEN_BLOCK].copy_(stored_t.index_select(0, rows[lo : lo + _WIDEN_BLOCK]))
+        else:
+            torch.index_select(stored_t, 0, rows, out=out_t)
         return out
+
+    def _stored(self) -> np.ndarray:
+        """A view (n_slots, d) of the vectors faiss stores: float32, or float16 for "hnsw-fp16".
+
+        Kept between calls (making it costs several swig calls, a tenth of a small gather) and
+        dropped by :meth:`add`, the only place where faiss reallocates its storage.
+        """
+        if self._stored_view is None or len(self._stored_view) != self.n_slots:
+            if self.kind == "hnsw-fp16":  # the codes are the vectors in IEEE half precision
+                sq = faiss.downcast_index(self.index.storage)
+                codes = faiss.rev_swig_ptr(sq.codes.data(), self.n_slots * sq.code_size)
+                self._stored_view = codes.view(np.float16).reshape(self.n_slots, self.dim)
+            else:
+                flat = self.index if self.kind == "flat" else faiss.downcast_index(self.index.storage)
+                xb = faiss.rev_swig_ptr(flat.get_xb(), self.n_slots * self.dim)
+                self._stored_view = xb.reshape(self.n_slots, self.dim)
+        return self._stored_view
 
     def _search_params(self, ef: int | None) -> faiss.SearchParameters | None:
         """faiss parameters for a search with ``ef`` (None: the index's ef_search), cached per ef."""
