@@ -184,6 +184,7 @@ class SlotIndex:
         vectors = self.reconstruct(live_slots)
         seqs, ids = self._seq.view[live_slots].copy(), self._id.view[live_slots].copy()
         self.index = self._new_index()
+        self._stored_view = None  # it points into the old index's storage (add() skips an empty batch)
         if self.is_hnsw:
             self.index.hnsw.efSearch = self._ef_search
         self._seq, self._id = _Growable(), _Growable()
@@ -236,7 +237,8 @@ class SlotIndex:
         """A view (n_slots, d) of the vectors faiss stores: float32, or float16 for "hnsw-fp16".
 
         Kept between calls (making it costs several swig calls, a tenth of a small gather) and
-        dropped by :meth:`add`, the only place where faiss reallocates its storage.
+        dropped where the storage can move: :meth:`add` (faiss reallocates) and :meth:`compact`
+        (a new index). The length check also catches a caller that added through ``self.index``.
         """
         if self._stored_view is None or len(self._stored_view) != self.n_slots:
             if self.kind == "hnsw-fp16":  # the codes are the vectors in IEEE half precision
