@@ -47,6 +47,13 @@ def test_merge_is_the_top_k_of_the_union_scored_like_the_index(kind, metric):
         np.testing.assert_allclose(merged_s[i], sims[i, merged_slots[i]], rtol=1e-3, atol=1e-3)
         assert np.all(np.diff(merged_s[i]) <= 0)  # best first
     np.testing.assert_array_equal(merged_ids, 1000 + merged_slots)
+    # One query at a time (the single-row path) gives the same rows.
+    extra_vectors = idx.reconstruct(extra)
+    for i in range(len(q)):
+        one = idx.merge(q[i : i + 1], tuple(a[i : i + 1] for a in found), extra[i : i + 1], extra_vectors[i : i + 1], k)
+        np.testing.assert_array_equal(one[2], merged_slots[i : i + 1])
+        np.testing.assert_array_equal(one[1], merged_ids[i : i + 1])
+        np.testing.assert_allclose(one[0], merged_s[i : i + 1], rtol=1e-6, atol=1e-6)
 
 
 def test_merge_pads_when_the_union_is_short_and_skips_rows_without_candidates():
@@ -59,6 +66,11 @@ def test_merge_pads_when_the_union_is_short_and_skips_rows_without_candidates():
     s, ids, slots = idx.merge(q, found, extra, vectors, 5)
     assert (ids[:, 3:] == -1).all() and np.isneginf(s[:, 3:]).all() and (slots[:, 3:] == -1).all()
     assert sorted(ids[0, :3]) == sorted(ids[1, :3]) == [7, 8, 9]
+    for i in range(2):  # the single-row path pads the same way
+        one = idx.merge(q[i : i + 1], tuple(a[i : i + 1] for a in found), extra[i : i + 1], vectors[i : i + 1], 5)
+        np.testing.assert_array_equal(one[2], slots[i : i + 1])
+        np.testing.assert_array_equal(one[1], ids[i : i + 1])
+        np.testing.assert_array_equal(one[0], s[i : i + 1])
 
 
 class MeanOfCandidates:

@@ -35,6 +35,8 @@ Example:
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import faiss
 import numpy as np
 import torch
@@ -223,7 +225,10 @@ class SlotIndex:
         flat_slots = slots.reshape(-1)
         flat_out = out.reshape(-1, self.dim)
         if len(flat_slots) <= _NUMPY_MAX_ROWS:  # one query's candidates: numpy costs a few µs where torch costs tens
-            flat_out[...] = stored[flat_slots]  # fp16: widened on assignment
+            if self.kind == "hnsw-fp16":  # numpy widens half precision one scalar at a time, torch's copy with F16C
+                torch.from_numpy(flat_out).copy_(torch.from_numpy(stored[flat_slots]))
+            else:
+                flat_out[...] = stored[flat_slots]
             return out
         rows, stored_t, out_t = torch.from_numpy(flat_slots), torch.from_numpy(stored), torch.from_numpy(flat_out)
         if self.kind == "hnsw-fp16":  # small half-precision temporaries
@@ -321,6 +326,8 @@ class SlotIndex:
         scores, _, slots = found
         q = np.ascontiguousarray(queries, dtype=np.float32)
         vectors = np.ascontiguousarray(extra_vectors, dtype=np.float32)
+        if len(q) == 1:  # a served query: the vectorised union below is ~15 array operations of ~5 µs
+            return self._merge_one(q[0], scores[0], slots[0], extra_slots[0], vectors[0], k)
         if len(q) >= _TORCH_MIN_ROWS:  # (n, m) inner products; torch spreads a batch over the cores, as (1, d) x (d, m)
             extra = torch.bmm(torch.from_numpy(q)[:, None, :], torch.from_numpy(vectors).transpose(1, 2))[:, 0].numpy()
         else:  # numpy costs a few µs per call where torch costs tens
@@ -340,6 +347,35 @@ class SlotIndex:
         top_slots = np.take_along_axis(all_slots, best, axis=1)
         top_slots[np.isneginf(top_scores)] = -1  # places that neither search filled
         return self._with_ids(top_scores, top_slots)
+
+    def _merge_one(
+        self, q: np.ndarray, scores: np.ndarray, slots: np.ndarray, extra_slots: np.ndarray, vectors: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`merge` of one query, q (d,), its result (k,), extra slots (m,) and vectors (m, d).
+
+        The same union in Python lists: each numpy call costs 1-4 µs here, and the vectorised
+        path makes about fifteen. The result's entries come first, then each extra slot that is
+        new; Python's sort is stable (also with ``reverse``), so ties keep that order, as the
+        vectorised path's stable argsort does.
+        """
+        extra = vectors @ q  # (m,)
+        if self.metric == "l2":
+            extra = 2 * extra - q @ q - np.einsum("md,md->m", vectors, vectors)
+        result = slots.tolist()
+        items = [(slot, score) for slot, score in zip(result, scores.tolist()) if slot >= 0]
+        taken = set(result)
+        for slot, score in zip(extra_slots.tolist(), extra.tolist()):
+            if slot >= 0 and slot not in taken:
+                taken.add(slot)
+                items.append((slot, score))
+        items.sort(key=itemgetter(1), reverse=True)
+        top, pad = items[:k], max(k - len(items), 0)
+        ids = self._id.view
+        return (
+            np.array([[score for _, score in top] + [-np.inf] * pad], dtype=np.float32),
+            np.array([[int(ids[slot]) for slot, _ in top] + [-1] * pad], dtype=np.int64),
+            np.array([[slot for slot, _ in top] + [-1] * pad], dtype=np.int64),
+        )
 
     def memory_bytes(self) -> int:
         """Bytes faiss holds for this index: vector codes, plus the HNSW graph (neighbours, levels, offsets)."""

@@ -174,30 +174,30 @@ class MultiHeadPlan:
         max_k = len(self.token_extra) - 1
         if max_k < K:
             raise bad_argument("cand_vectors", f"at most K={max_k} candidates", K)
-        # Token j = cand_j + t_j + s_j w + s_top w', with t_j = rank_j + score-feature bias. The
-        # (n, K, d) tokens are never built: each term meets u (logits) or p (weighted sum) alone.
+        # Token j = cand_j + t_j + s_j w + s_top w', with t_j = rank_j + score-feature bias.
         if n >= TORCH_MIN_BATCH:
             return self._refine_blocks(q, cand, scores)
         H = self.heads
-        extra = self.token_extra if max_k == K else self.token_extra[[*range(K), -1]]
         qa, qp = self._projections(q)
         qh = qp.reshape(n, H, -1).transpose(1, 0, 2)  # (H, n, d_h)
         u = np.matmul(qh, self.key_fold).transpose(1, 0, 2)  # (n, H, d): W_k,h^T q_h, scaled
-        ue = (u.reshape(n * H, d) @ extra.T).reshape(n, H, K + 1)  # u . t_j and u . w
-        logits = np.matmul(u, cand.transpose(0, 2, 1))  # (n, H, K)
-        logits += ue[..., :K]
-        logits += ue[..., K:] * scores[:, None, :]  # u . w' s_top is the same for every j: dropped
+        # The tokens without their top-score term s_top w', which is the same for every j: softmax
+        # ignores it in the logits, and the weights sum to 1, so it enters the read-out once
+        # (value_top). Building (n, K, d) tokens costs fewer array operations than meeting each
+        # term alone, and a served query is bound by the number of operations.
+        tokens = cand + self.token_extra[:K]
+        tokens += scores[:, :, None] * self.token_extra[-1]
+        logits = np.matmul(u, tokens.transpose(0, 2, 1))  # (n, H, K)
         logits -= logits.max(axis=-1, keepdims=True)
-        pe = np.empty_like(ue)  # [p | p . s]: the weights of t_j and of w in the weighted sum
-        p = np.exp(logits, out=pe[..., :K])
+        p = np.exp(logits, out=logits)
         p /= p.sum(axis=-1, keepdims=True)
-        pe[..., K] = np.matmul(p, scores[:, :, None])[..., 0]
-        mean = np.matmul(p, cand)  # (n, H, d)
-        mean += (pe.reshape(n * H, K + 1) @ extra).reshape(n, H, d)
-        mean += scores[:, :1, None] * self.top_weight  # the weights sum to 1
-        o = np.matmul(mean.transpose(1, 0, 2), self.value_t) + self.value_bias  # (H, n, d_h)
-        read = o.transpose(1, 0, 2).reshape(n, -1) @ self.out_matrix + self.out_bias
-        return _normalize(qa + read)
+        o = np.matmul(np.matmul(p, tokens).transpose(1, 0, 2), self.value_t)  # (H, n, d_h)
+        o += self.value_bias
+        o += scores[None, :, :1] * self.value_top
+        read = o.transpose(1, 0, 2).reshape(n, -1) @ self.out_matrix
+        read += qa
+        read += self.out_bias
+        return _normalize(read)
 
     @torch.inference_mode()
     def _refine_blocks(self, q: np.ndarray, cand: np.ndarray, scores: np.ndarray) -> np.ndarray:
