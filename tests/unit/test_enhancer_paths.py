@@ -47,7 +47,7 @@ def test_the_two_plan_paths_are_the_batch_sizes_of_the_tests():
     assert PATHS[0] < serving.TORCH_MIN_BATCH <= serving.TORCH_BLOCK < PATHS[1] < 2 * serving.TORCH_BLOCK
 
 
-@pytest.mark.parametrize("n", PATHS)
+@pytest.mark.parametrize("n", [1, *PATHS])  # 1: a served query
 @pytest.mark.parametrize("K", [5, 3])  # a store may hand fewer candidates than the enhancer's K
 def test_multi_head_plan_equals_forward_float64(K, n):
     enh = _random_enhancer()
@@ -235,3 +235,34 @@ def test_float32_plan_blocks_match_the_float64_forward():
     got = plan.refine(*(x.numpy().astype(np.float32) for x in (q, cand, scores)))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mechanism", ["multi-head", "hyperbolic", "linear"])
+def test_refine_unchecked_is_refine_on_a_stores_arrays(mechanism):
+    enh = LinearAdapter(32) if mechanism == "linear" else QueryEnhancer(32, mechanism=mechanism, heads=4, candidates=5)
+    with torch.no_grad():
+        for p in enh.parameters():
+            p.normal_(std=0.2)
+    q, cand, scores = (np.ascontiguousarray(t.numpy(), dtype=np.float32) for t in _inputs(dtype=torch.float32))
+    args = (q,) if not enh.uses_candidates else (q, cand, scores)
+    for training in (False, True):  # eval: the plan where there is one; training: refine itself
+        enh.train(training)
+        np.testing.assert_array_equal(enh.refine_unchecked(*args), enh.refine(*args))
+    enh.eval()
+    assert not np.allclose(enh.refine_unchecked(*args), q, atol=1e-3)  # the weights act
+
+
+def test_a_plan_of_inference_tensors_follows_in_place_updates():
+    # Inference tensors keep no version counter, so the plan cannot be cached: it is folded per call.
+    q, cand, scores = (np.ascontiguousarray(t.numpy(), dtype=np.float32) for t in _inputs(dtype=torch.float32))
+    with torch.inference_mode():
+        enh = QueryEnhancer(32, heads=4, candidates=5).eval()
+        assert all(p.is_inference() for p in enh.parameters())
+        for p in enh.parameters():
+            p.normal_(std=0.2)
+        before = enh.refine(q, cand, scores)
+        enh.mix.weight.mul_(2.0)
+        after = enh.refine(q, cand, scores)
+        ref = enh(torch.from_numpy(q), torch.from_numpy(cand), torch.from_numpy(scores)).numpy()
+    assert not np.allclose(before, after, atol=1e-4)
+    np.testing.assert_allclose(after, ref, atol=1e-5)

@@ -543,7 +543,9 @@ class VectorMemory:
         """
         args = (q,) if vectors is None else (q, vectors, scores)
         start = time.perf_counter()
-        out = np.asarray(self.enhancer.refine(*args), dtype=np.float32)
+        # headwise's enhancers skip their own checks of the arrays made here (refine_unchecked).
+        refine = getattr(self.enhancer, "refine_unchecked", None) or self.enhancer.refine
+        out = np.asarray(refine(*args), dtype=np.float32)
         if vectors is not None and np.may_share_memory(out, vectors):
             out = out.copy()  # the candidates live in a workspace that the next search overwrites
         self.metrics.record("refine", time.perf_counter() - start, len(q))
