@@ -203,9 +203,11 @@ def store_latency(
     HNSW its result also holds the first pass's candidates, see ``merge_candidates``), and
     ``agreement_vs_exact``, the whole search against the same method on an exact (flat) store,
     where the first pass is exact too. ``batch_stage_us``: the batched call's time per query in
-    each stage (:data:`STAGES`, from the store's metrics).
+    each stage (:data:`STAGES`, from the store's metrics); ``single_stage_us``: the median time
+    of each stage over the one-by-one calls (each method records into its own collector).
     """
     from headwise.memory.evaluate import exact_search
+    from headwise.memory.metrics import MetricsCollector
     from headwise.memory.store import VectorMemory
 
     mem = VectorMemory(
@@ -218,6 +220,7 @@ def store_latency(
     qs = np.ascontiguousarray(queries[:single], dtype=np.float32)
     qb = np.ascontiguousarray(queries[:batch], dtype=np.float32)
     timings = {name: Timing() for name in enhancers}
+    single_metrics = {name: MetricsCollector() for name in enhancers}  # each method's own stage times
     with torch.inference_mode():
         for enh in enhancers.values():  # warm-up
             mem.set_enhancer(enh)
@@ -225,9 +228,11 @@ def store_latency(
         for i in range(len(qs)):
             for name, enh in enhancers.items():
                 mem.set_enhancer(enh)
+                mem.metrics = single_metrics[name]
                 t0 = time.perf_counter()
                 mem.search(qs[i : i + 1], k)
                 timings[name].times.append(time.perf_counter() - t0)
+        mem.metrics = MetricsCollector()
 
         stage_calls: dict[str, list[dict[str, float]]] = {name: [] for name in enhancers}
 
@@ -247,6 +252,8 @@ def store_latency(
             mem.set_enhancer(enh)
             found = mem.search_batch(qb, k)[1]
             out[name] = _latency_row(timings[name], len(qb), batch_times[name], docs.shape[1])
+            single_summary = single_metrics[name].summary()
+            out[name]["single_stage_us"] = {s: single_summary[s]["p50_us"] for s in STAGES if s in single_summary}
             timed = stage_calls[name][1:]  # the first call is the untimed warm-up
             out[name]["batch_stage_us"] = {
                 stage: 1e6 * statistics.median(c[stage] for c in timed) / len(qb) for stage in timed[0]

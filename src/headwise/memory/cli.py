@@ -497,6 +497,13 @@ def bench(
             cells = [[n, *(_us(r["batch_stage_us"].get(c)) for c in stage_cols[1:])] for n, r in t.items()]
             lines += markdown_table(f"{label}: batched call by stage (µs per query, median of {BATCH_ROUNDS})",
                                     stage_cols, cells)  # fmt: skip
+            enhanced = {n: r for n, r in t.items() if r.get("single_stage_us")}
+            if enhanced:
+                cols = ["method", *STAGES, "p50 of the whole search"]
+                cells = [[n, *(_us(r["single_stage_us"].get(c)) for c in STAGES), f"{r['p50_us']:.0f}"]
+                         for n, r in enhanced.items()]  # fmt: skip
+                lines += markdown_table(f"{label}: one query at a time by stage (µs, median of each stage)",
+                                        cols, cells)  # fmt: skip
         if "flash_vs_topk" in result:
             cols = ["memory", "queries", "knn R@10", "top-K R@10", "flash R@10", "knn ms/q", "top-K ms/q", "flash ms/q"]
             cells = [
