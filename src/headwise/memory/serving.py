@@ -93,11 +93,10 @@ class MultiHeadPlan:
     out_bias: np.ndarray  # (d,)
     token_extra: np.ndarray  # (K + 1, d): rank embedding + score-feature bias per rank; last row
     # score_feat.W[:, 0] - W[:, 1], which multiplies each candidate's score
-    top_weight: np.ndarray  # (d,): score_feat.W[:, 1], multiplies the row's top score
+    value_top: np.ndarray  # (H, 1, d_h): score_feat.W[:, 1] @ value_t_h; times the row's top score
     # The batched path (_refine_blocks) carries the token terms through the head maps first:
     key_extra: np.ndarray  # (H, d_h, K + 1): key_fold_h @ token_extra^T, so u . t_j = q_h . key_extra_h
     value_extra: np.ndarray  # (H, K + 1, d_h): token_extra @ value_t_h
-    value_top: np.ndarray  # (H, 1, d_h): top_weight @ value_t_h
 
     @classmethod
     def from_enhancer(cls, enh: Any, dtype: type = np.float32) -> MultiHeadPlan:
@@ -138,7 +137,6 @@ class MultiHeadPlan:
                 out_matrix=_np((mix_w @ out_w).T, dtype),
                 out_bias=_np(mix_w @ out_b + mix_b, dtype),
                 token_extra=_np(token_extra, dtype),
-                top_weight=_np(sf_w[:, 1], dtype),
                 key_extra=_np(key_fold @ token_extra.T, dtype),
                 value_extra=_np(token_extra @ value_t, dtype),
                 value_top=_np((sf_w[:, 1] @ value_t)[:, None], dtype),
