@@ -111,6 +111,10 @@ class _Enhancer(nn.Module):
             self._plan, self._plan_key = self._fold(), key
         return self._plan
 
+    def _eval_plan(self) -> LinearPlan | MultiHeadPlan | None:
+        """The serving plan in eval mode; None in training mode (dropout) or without a plan."""
+        return None if self.training else self.serving_plan()
+
     def _plan_sources_key(self) -> tuple:
         """(id, data_ptr, version) of every parameter (a plan reads them all), in one walk.
 
@@ -140,7 +144,7 @@ class _Enhancer(nn.Module):
         in training mode, or for the other mechanisms, the module's forward in eval mode.
         NaN or Inf in any input raises a HeadwiseError naming it.
         """
-        plan = None if self.training else self.serving_plan()
+        plan = self._eval_plan()
         if plan is None:
             return self._refine_torch(*self._checked(queries, cand_vectors, cand_scores, finite=True))
         q, c, s = self._checked(queries, cand_vectors, cand_scores, finite=False)
@@ -161,7 +165,7 @@ class _Enhancer(nn.Module):
         cost a third of what the folded read-out does. In training mode, or without a plan,
         it is :meth:`refine`.
         """
-        plan = None if self.training else self.serving_plan()
+        plan = self._eval_plan()
         return self.refine(*arrays) if plan is None else plan.refine(*arrays)
 
     def _checked(
@@ -332,7 +336,7 @@ class QueryEnhancer(_Enhancer):
         q = _as_array(queries, "queries", 2, self.dim)
         if self.first_pass == "raw":
             return q
-        plan = None if self.training else self.serving_plan()
+        plan = self._eval_plan()
         if plan is not None:
             return plan.adapted(q).astype(np.float32, copy=False)
         with torch.no_grad():
