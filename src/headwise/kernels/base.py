@@ -137,13 +137,3 @@ class MaskCache:
 # room for sums of 1e24 terms, and e^-30 is still a normal float with full relative
 # precision (float64: e^+-300). Used by the tiled and eager kernels.
 BOUNDED_LOGIT_LIMIT = {torch.float32: 30.0, torch.float64: 300.0}
-
-
-def logit_bounds(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """Per query row, an upper bound of |logit| over all keys: scale * |q_i| * max_j |k_j|.
-
-    Cauchy-Schwarz. q (B, Hkv, G, L, E) and k (B, Hkv, S, E) -> (B, Hkv, G, L); not finite
-    when an input holds NaN or Inf, so such inputs never pass a bound check.
-    """
-    k_max = torch.linalg.vector_norm(k, dim=-1).amax(dim=-1)[:, :, None, None]
-    return torch.linalg.vector_norm(q, dim=-1) * k_max * scale

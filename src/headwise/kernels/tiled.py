@@ -5,8 +5,10 @@ each query block the kernel visits only the key blocks the mask can reach (EMPTY
 are skipped, FULL blocks need no element mask), keeping a running row max ``m``, a running
 sum ``l`` of ``exp(s - m)`` and the running output, rescaled whenever ``m`` grows. Memory
 is O(block_q * block_k) per head for the logits, never O(L * S). A query block whose logits
-are provably within +-BOUNDED_LOGIT_LIMIT (Cauchy-Schwarz, see _bounded_blocks) skips the
-running max altogether: exp(s) with no shift, nothing to rescale.
+are provably within +-BOUNDED_LOGIT_LIMIT (Cauchy-Schwarz over the keys each row may attend,
+see _unshifted_rows) skips the running max altogether: exp(s) with no shift, nothing to
+rescale. Nothing a row's mask excludes changes a bit of its output, lse, statistics or
+gradients: masked probabilities are exactly 0 and no decision looks at masked keys.
 
 Streaming statistics come from the same pass. With ``p_j = exp(s_j - m)`` and
 ``l = sum p_j``, the entropy of the row is ``log l - sum(p_j (s_j - m)) / l`` and its
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from headwise.kernels.base import BOUNDED_LOGIT_LIMIT as _BOUNDED_LOGIT_LIMIT
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request, logit_bounds
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
 from headwise.scores import Score
 
@@ -300,37 +302,76 @@ def _scaled_queries(plan: TiledPlan, q: Tensor) -> Tensor:
     return q * plan.scale if plan.score is None else q
 
 
-def _bounded_blocks(plan: TiledPlan, q5: Tensor, k: Tensor) -> list[bool]:
-    """Which query blocks have every logit within +-_BOUNDED_LOGIT_LIMIT, by Cauchy-Schwarz.
+def _tile_pieces(width: int, partial: tuple[tuple[int, int], ...]) -> list[tuple[int, int, bool]]:
+    """Cut a tile of ``width`` keys into (start, end, needs the element mask) pieces, in order.
 
-    |s_ij| <= |q_i| max_j |k_j| (q already scaled). Where that bound stays under the limit
-    for a whole query block, p = exp(s) needs no row shift at all: no max pass, no
-    subtraction, no clamp, no rescaling between tiles, and masked logits are simply zeroed
-    after the exp. Inputs of large norm (and NaN/Inf, whose bound is not finite) take the
-    online-max path; so do scores, which change the logits after the dot product.
+    >>> _tile_pieces(10, ((2, 4), (6, 8)))
+    [(0, 2, False), (2, 4, True), (4, 6, False), (6, 8, True), (8, 10, False)]
+    """
+    pieces, at = [], 0
+    for a, b in partial:
+        if a > at:
+            pieces.append((at, a, False))
+        pieces.append((a, b, True))
+        at = b
+    if at < width:
+        pieces.append((at, width, False))
+    return pieces
+
+
+def _unshifted_rows(plan: TiledPlan, q5: Tensor, k: Tensor, blocks: _Blocks) -> list[Tensor | None]:
+    """Per query block, which rows have every allowed logit within +-_BOUNDED_LOGIT_LIMIT.
+
+    By Cauchy-Schwarz, |s_ij| <= |q_i| max_j |k_j| (q already scaled), the max taken per
+    row over the keys that row may attend and nothing else. Such a row takes p = exp(s)
+    with no shift (its max is 0): no max pass, no subtraction, no rescaling between tiles.
+    The decision is per row, never per block, and never looks at a masked key: otherwise
+    a masked key, or another row's key, would decide which scheme a row runs and move the
+    rounding of its output (issue 24). Returns (B*Hkv, G*n, 1) bool per query block, or
+    None where no row qualifies. Inputs of large norm (and NaN/Inf in an allowed key,
+    whose bound is not finite) take the online-max path; so do scores, which change the
+    logits after the dot product.
     """
     nq = -(-plan.L // plan.block_q)
     limit = _BOUNDED_LOGIT_LIMIT.get(q5.dtype)
     if plan.score is not None or limit is None or k.shape[2] == 0 or q5.numel() == 0:
-        return [False] * nq
-    bounds = logit_bounds(q5, k, 1.0)  # q5 already carries the scale
-    bq = plan.block_q
-    maxima = torch.stack([bounds[..., i * bq : (i + 1) * bq].amax() for i in range(nq)])
-    return (maxima <= limit).tolist()
+        return [None] * nq
+    B, Hkv, G = plan.B, plan.Hkv, plan.G
+    k_norm = torch.linalg.vector_norm(k, dim=-1)  # (B, Hkv, S)
+    q_norm = torch.linalg.vector_norm(q5, dim=-1)  # (B, Hkv, G, L)
+    rows = []
+    for iq, spans in enumerate(plan.spans):
+        qs = iq * plan.block_q
+        n = min(plan.block_q, plan.L - qs)
+        reach = q5.new_zeros(B, Hkv, G, n)  # per row: the largest |k_j| it may attend
+        for ks, ke, partial in spans:
+            for a, b, masked in _tile_pieces(ke - ks, partial):
+                kn = k_norm[:, :, ks + a : ks + b]
+                if masked:
+                    allowed = blocks.keep(qs, n, ks + a, b - a, k.dtype, as_bias=False) > 0
+                    piece = torch.where(allowed, kn[:, :, None, None, :], 0.0).amax(dim=-1)
+                else:
+                    piece = kn.amax(dim=-1)[:, :, None, None]
+                reach = torch.maximum(reach, piece)
+        rows.append((q_norm[..., qs : qs + n] * reach <= limit).view(B * Hkv, G * n, 1))
+    counts = torch.stack([r.sum() for r in rows]).tolist() if rows else []  # one sync for all blocks
+    return [r if c > 0 else None for r, c in zip(rows, counts)]
 
 
 def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats: bool):
     """Forward over the plan's tiles. Returns out (B, Hq, L, Ev), lse (B, Hq, L), entropy, max weight.
 
     Each query block runs one of two exact schemes: no shift at all when its logits are
-    provably moderate (see _bounded_blocks), else a running row maximum.
+    provably moderate (see _unshifted_rows), else a running row maximum; a block that
+    mixes both runs the online scheme with the shift of its unshifted rows held at 0, which
+    gives those rows the very same arithmetic as the unshifted scheme.
     """
     B, Hq, Hkv, L, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.G
     E, Ev = q.shape[-1], v.shape[-1]
     blocks = _Blocks(plan, q.device)
     q5 = _scaled_queries(plan, q).view(B, Hkv, G, L, E)
     v3 = v.view(B * Hkv, -1, Ev)
-    bounded = _bounded_blocks(plan, q5, k)
+    unshifted = _unshifted_rows(plan, q5, k, blocks)
     out = q.new_zeros(B, Hkv, G, L, Ev)
     lse = q.new_full((B, Hkv, G, L), float("-inf"))
     entropy = q.new_zeros(B, Hkv, G, L) if need_stats else None
@@ -345,10 +386,11 @@ def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats:
         qs = iq * plan.block_q
         n = min(plan.block_q, L - qs)
         tiles = _Tiles(blocks, q5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, E), k, v3, qs, flat, pflat)
-        if bounded[iq]:
+        fixed = unshifted[iq]
+        if fixed is not None and bool(fixed.all()):
             m, l_run, acc, ps, top = _bounded_rows(tiles, spans, need_stats)
         else:
-            m, l_run, acc, ps, top = _online_rows(tiles, spans, need_stats)
+            m, l_run, acc, ps, top = _online_rows(tiles, spans, need_stats, fixed)
         has = l_run != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
         l_safe = torch.where(has, l_run, 1.0)
         rows = (slice(None), slice(None), slice(None), slice(qs, qs + n))
@@ -393,13 +435,19 @@ def _row_dot(p: Tensor, t: Tensor) -> Tensor:
 
 
 def _bounded_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
-    """One query block with p = exp(s) (see _bounded_blocks): no shift, nothing to rescale.
+    """One query block with p = exp(s) (see _unshifted_rows): no shift, nothing to rescale.
 
     Returns the shift 0, l = sum p, acc = sum p v, sum p s and max p (the last two: stats).
     """
     l_run = acc = ps = top = None
+    # The bound covers allowed logits only; a masked one may be anything. Clamping the
+    # masked ranges keeps its exp finite (inf * 0 would be NaN) before it is zeroed, and
+    # the margin of 1 leaves every allowed logit untouched.
+    edge = _BOUNDED_LOGIT_LIMIT[tiles.qb.dtype] + 1.0
     for ks, ke, partial in spans:
         s, keeps = tiles.logits(ks, ke, partial, mask_with_inf=False)
+        for a, b, _ in keeps:
+            s[..., a:b].clamp_(-edge, edge)
         p = tiles.blocks.apply_keeps(torch.exp(s, out=tiles.exp_target(s, need_stats)), keeps)
         # p @ v first, while p is still in the cache the exp just wrote it to.
         if l_run is None:
@@ -413,17 +461,21 @@ def _bounded_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
     return 0.0, l_run, acc, ps, top
 
 
-def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
+def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool, fixed: Tensor | None = None):
     """One query block with a running row maximum m, rescaling l and acc when it grows.
 
-    Returns m, l = sum exp(s - m), acc, sum p (s - m) and the largest p, which is 1.
+    ``fixed`` (rows, 1) marks rows whose shift stays 0 (see _unshifted_rows): for them
+    alpha is exp(0) = 1 and t = s, so they get exactly the arithmetic of _bounded_rows.
+    Returns m, l = sum exp(s - m), acc, sum p (s - m) and the largest p (1 for shifted rows).
     """
     neg_inf = float("-inf")
-    m_run = l_run = acc = ps = None
+    m_run = l_run = acc = ps = p_top = None
     for ks, ke, partial in spans:
         s, keeps = tiles.logits(ks, ke, partial, mask_with_inf=True)
         m_tile = s.amax(dim=-1, keepdim=True)
         m_new = m_tile if m_run is None else torch.maximum(m_run, m_tile)
+        if fixed is not None:
+            m_new = m_new.masked_fill(fixed, 0.0)
         # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead.
         m_safe = torch.where(m_new == neg_inf, 0.0, m_new) if partial else m_new
         t = s.sub_(m_safe)
@@ -431,6 +483,9 @@ def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
         # as in p log p, costs 10x more), rescaled to the new max like the output.
         # Elementwise, so no cancellation.
         p = tiles.blocks.probabilities(t, keeps, out=tiles.exp_target(t, need_stats))
+        if need_stats and fixed is not None:  # the largest p of the unshifted rows
+            p_max = p.amax(dim=-1, keepdim=True)
+            p_top = p_max if p_top is None else torch.maximum(p_top, p_max, out=p_top)
         if m_run is None:  # first tile of the row block: nothing to rescale
             acc, l_run = torch.bmm(p, tiles.v3[:, ks:ke]), p.sum(dim=-1, keepdim=True)
             ps = _row_dot(p, t) if need_stats else None
@@ -442,7 +497,8 @@ def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
                 ps.add_(shift).mul_(alpha).add_(_row_dot(p, t))
             l_run.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
         m_run = m_new
-    return m_run, l_run, acc, ps, 1.0
+    top = 1.0 if p_top is None else torch.where(fixed, p_top, 1.0)
+    return m_run, l_run, acc, ps, top
 
 
 def _tiled_backward(plan, q, k, v, out, lse, dout, params):
