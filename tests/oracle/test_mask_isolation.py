@@ -204,3 +204,28 @@ def check_isolation_scaled(backend, mask, shape, dtype, rows, scale, seed):
     _same(a.res.stats.entropy[pick], b.res.stats.entropy[pick], "entropy")
     _same(a.res.stats.max_weight[pick], b.res.stats.max_weight[pick], "max weight")
     _same(a.grads["q"][pick], b.grads["q"][pick], "dq")
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "sliding_window", "local", "chunked", "padding",
+                                       "per_head_windows", "and_masks"])  # fmt: skip
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_row_reach_by_ranges_equals_piece_by_piece(mask_name, shape_name):
+    """The sparse-table range maximum (exact-bound masks) equals the tile-by-tile one."""
+    from headwise.attend import make_request
+    from headwise.kernels import tiled
+
+    B, Hq, Hkv, L, S, E, Ev = SHAPES[shape_name]
+    q, k, v, _ = _inputs(SHAPES[shape_name], torch.float32)
+    mask = MASKS[mask_name](B, Hq, L, S)
+    req = make_request(q, k, v, mask, None, None, 0.0, False, False)
+    plan = tiled.make_plan(req, 8, 8, 24)
+    k_norm = torch.linalg.vector_norm(k, dim=-1)
+    by_ranges = tiled._reach_by_ranges(plan, k_norm)
+    assert by_ranges is not None, "an exact-bound mask must take the range path"
+    blocks = tiled._Blocks(plan, q.device)
+    for iq, spans in enumerate(plan.spans):
+        qs = iq * plan.block_q
+        n = min(plan.block_q, L - qs)
+        want = tiled._reach_by_pieces(blocks, k_norm, spans, qs, n)
+        got = by_ranges[..., qs : qs + n] if by_ranges.shape[-1] > 1 else by_ranges
+        assert torch.equal(got.expand_as(want), want), f"query block {iq}"
