@@ -116,3 +116,33 @@ def test_errors_are_clean(tmp_path):
     assert res.exit_code == 2 and "manifest.json" in res.output
     res = invoke("build", "--dataset", "nonsense", "--out", str(tmp_path))
     assert res.exit_code == 2 and "dataset" in res.output
+
+
+def test_eval_on_query_files(workdir, tmp_path):
+    """--queries evaluates other query sets against the same corpus, with a summary across sets."""
+    from headwise.memory.datasets import load_dataset
+    from headwise.memory.transfer import write_query_file
+
+    ds = load_dataset("wordnet", limit=100)
+    rows = [{"query": ds.documents[i].split(": ", 1)[1], "relevant": [ds.doc_ids[i]]} for i in range(0, 40, 4)]
+    qfile = tmp_path / "glosses.jsonl"
+    write_query_file(qfile, rows)
+    out = tmp_path / "transfer"
+    res = invoke("eval", "--dir", str(workdir), "--method", "knn", "--queries", str(qfile), "--out", str(out),
+                 "--samples", "50", "--latency", "0")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert list(data["sets"]) == ["wordnet-100 test", "glosses"]
+    assert data["sets"]["glosses"]["queries"] == 10
+    # A gloss finds its own document among 400: recall@10 is (nearly) perfect.
+    assert data["sets"]["glosses"]["results"]["knn"]["recall@10"][0] >= 0.9
+    md = out.with_suffix(".md").read_text()
+    assert "## Summary: recall@10 and NDCG@10 per query set" in md and "glosses recall@10" in md
+    res = invoke("eval", "--dir", str(workdir), "--method", "knn", "--split", "none", "--queries", str(qfile),
+                 "--samples", "20", "--latency", "0")  # fmt: skip
+    assert res.exit_code == 0 and "glosses: 10 queries" in res.output
+    (tmp_path / "bad.jsonl").write_text('{"query": "x", "relevant": ["n99999999"]}\n')
+    res = invoke("eval", "--dir", str(workdir), "--method", "knn", "--queries", str(tmp_path / "bad.jsonl"))
+    assert res.exit_code == 2 and "bad.jsonl line 1" in res.output
+    res = invoke("eval", "--dir", str(workdir), "--method", "knn", "--split", "none")
+    assert res.exit_code == 2 and "at least one query file" in res.output

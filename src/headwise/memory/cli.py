@@ -32,13 +32,8 @@ from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.datasets import RetrievalDataset, embed_dataset, load_dataset
 from headwise.memory.evaluate import (
-    METRICS,
     enhanced_retriever,
-    evaluate_methods,
     knn_retriever,
-    paired_difference,
-    results_json,
-    results_markdown,
 )
 
 memory_app = typer.Typer(help="Vector memory with a learned attention retrieval stage: build, train, eval, search.")
@@ -243,7 +238,7 @@ def train(
 ADAPTER_ONLY = " (adapter only)"
 
 
-def _retrievers(directory: Path, names: list[str], docs: np.ndarray, *, ablate: bool = False) -> dict:
+def _retrievers(models: Path, names: list[str], docs: np.ndarray, *, ablate: bool = False) -> dict:
     """name -> retriever; with ``ablate``, "NAME (adapter only)" follows each attention enhancer."""
     from headwise.memory.enhancer import QueryEnhancer, load_enhancer
 
@@ -252,96 +247,13 @@ def _retrievers(directory: Path, names: list[str], docs: np.ndarray, *, ablate: 
         if name == "knn":
             out[name] = knn_retriever(docs)
             continue
-        model = load_enhancer(directory / "models" / name)
+        model = load_enhancer(models / name)
         if isinstance(model, QueryEnhancer) and model.mechanism == "flash":
             model.bind(docs)
         out[name] = enhanced_retriever(docs, model)
         if ablate and isinstance(model, QueryEnhancer) and model.uses_candidates:
             out[name + ADAPTER_ONLY] = enhanced_retriever(docs, model.adapter_only())
     return out
-
-
-@memory_app.command("eval")
-def evaluate(
-    ctx: typer.Context,
-    dir: Annotated[Path, typer.Option(help="working directory made by 'build' and 'train'")],
-    method: Annotated[str, typer.Option(help="comma-separated methods; knn is the baseline")] = "knn,linear,multi-head",
-    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
-    out: Annotated[Path | None, typer.Option(help="write OUT.md and OUT.json (e.g. benchmarks/results/memory_x)")] = (
-        None
-    ),
-    samples: Annotated[int, typer.Option(help="bootstrap resamples for the 95% CIs")] = 1000,
-    latency: Annotated[int, typer.Option(help="queries timed one by one for latency (0: skip)")] = 200,
-    seed: Annotated[int, typer.Option()] = 0,
-    ablate: Annotated[
-        bool, typer.Option(help="also evaluate each attention enhancer's adapter alone (its read-out switched off)")
-    ] = False,
-) -> None:
-    """Recall@1/10/100, MRR@10, NDCG@10 with bootstrap 95% CIs (exact search); latency and memory."""
-    try:
-        names = _methods(method)
-        manifest, ds, docs, queries = _load(dir)
-        sub = ds.subset(split)
-        retrievers = _retrievers(dir, names, docs, ablate=ablate)
-        names = list(retrievers)
-    except HeadwiseError as exc:
-        _fail(exc)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("evaluating", total=len(names))
-
-        def step(name: str) -> None:
-            bar.update(task, description=f"evaluating {name}", advance=0 if name == names[0] else 1)
-
-        results = evaluate_methods(docs, queries[sub.index], sub.relevant, retrievers, samples=samples, seed=seed,
-                                   progress=step)  # fmt: skip
-        bar.update(task, completed=len(names))
-    by_name = {r.name: r for r in results}
-    pairs = [(r.name, base) for base in ("knn", "linear") if base in by_name
-             for r in results if r.name not in (base, "knn")]  # fmt: skip
-    pairs += [(n, n + ADAPTER_ONLY) for n in by_name if n + ADAPTER_ONLY in by_name]  # the read-out's own share
-    comparisons = {}
-    for name, base in pairs:
-        for m in ("recall@10", "ndcg@10"):
-            diff = paired_difference(by_name[name], by_name[base], m, samples=samples, seed=seed)
-            base_mean = by_name[base].metrics[m][0]
-            comparisons[f"{name} - {base} {m}"] = {
-                "diff": list(diff), "relative": diff[0] / base_mean if base_mean else float("nan")
-            }  # fmt: skip
-    timing = {}
-    if latency > 0:
-        from headwise.bench.memory import measure_latency
-
-        timing = measure_latency(docs, queries[sub.index], retrievers, single=latency)
-    table = Table(title=f"{manifest['name']} {split}: {len(sub.queries):,} queries, {len(docs):,} documents")
-    table.add_column("method")
-    for m in METRICS:
-        table.add_column(f"{m} [95% CI]", justify="right")
-    for r in results:
-        table.add_row(
-            r.name, *(f"{r.metrics[m][0]:.3f} [{r.metrics[m][1]:.3f}, {r.metrics[m][2]:.3f}]" for m in METRICS)
-        )
-    console.print(table)
-    if comparisons:
-        ct = Table(title="paired differences (bootstrap 95% CI)")
-        for col in ("comparison", "difference", "95% CI", "relative"):
-            ct.add_column(col, justify="right")
-        for k, v in comparisons.items():
-            d = v["diff"]
-            ct.add_row(k, f"{d[0]:+.4f}", f"[{d[1]:+.4f}, {d[2]:+.4f}]", f"{100 * v['relative']:+.1f}%")
-        console.print(ct)
-    if timing:
-        from headwise.bench.memory import latency_table
-
-        console.print(latency_table(timing))
-    if out is not None:
-        notes = [f"{k}: {v['diff'][0]:+.4f} [{v['diff'][1]:+.4f}, {v['diff'][2]:+.4f}], {100 * v['relative']:+.1f}%"
-                 for k, v in comparisons.items()]  # fmt: skip
-        title = f"{manifest['name']} {split} ({len(sub.queries):,} queries, {len(docs):,} documents, exact search)"
-        write_atomic(out.with_suffix(".md"), results_markdown(title, results, _command(ctx), notes))
-        payload = results_json(results, command=_command(ctx), dataset=manifest, split=split,
-                               comparisons=comparisons, latency=timing)  # fmt: skip
-        write_atomic(out.with_suffix(".json"), payload)
-        console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
 @memory_app.command()
@@ -358,7 +270,7 @@ def search(
     try:
         names = list(dict.fromkeys(["knn", *_methods(method)]))
         manifest, ds, docs, _ = _load(dir)
-        retrievers = _retrievers(dir, names, docs)
+        retrievers = _retrievers(dir / "models", names, docs)
         q = embed([text], cache=False, progress=False)
     except HeadwiseError as exc:
         _fail(exc)
@@ -526,3 +438,7 @@ def bench(
         write_atomic(out.with_suffix(".md"), "\n".join(lines))
         write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2, default=str))
         console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+# Registered on memory_app by import: eval and transfer-sets live in their own module.
+from headwise.memory import cli_eval  # noqa: E402, F401
