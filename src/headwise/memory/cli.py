@@ -77,14 +77,17 @@ def _load(directory: Path) -> tuple[dict, RetrievalDataset, np.ndarray, np.ndarr
     return manifest, ds, docs, queries
 
 
-def _methods(spec: str) -> list[str]:
+def _methods(spec: str, models: Path | None = None) -> list[str]:
+    """Method names: knn, linear, the mechanisms, and (with ``models``) any model folder in it."""
     from headwise.memory.enhancer import MECHANISMS
 
     names = [m.strip() for m in spec.split(",") if m.strip()]
     allowed = ("knn", "linear", *MECHANISMS)
     for n in names:
-        if n not in allowed:
-            raise bad_argument("--method", f"comma-separated names from {allowed}", repr(n))
+        saved = models is not None and (models / n / "enhancer.json").is_file()
+        if n not in allowed and not saved:
+            where = f" or a model folder in {models}" if models is not None else ""
+            raise bad_argument("--method", f"comma-separated names from {allowed}{where}", repr(n))
     return names
 
 
@@ -441,4 +444,4 @@ def bench(
 
 
 # Registered on memory_app by import: eval and transfer-sets live in their own module.
-from headwise.memory import cli_eval  # noqa: E402, F401
+from headwise.memory import cli_eval, cli_gate  # noqa: E402, F401

@@ -119,7 +119,7 @@ def evaluate(
     try:
         if samples < 1:
             raise bad_argument("--samples", "an integer >= 1", samples)
-        names = _methods(method)
+        names = _methods(method, models or dir / "models")
         manifest, ds, docs, split_queries = _load(dir)
         query_sets: dict[str, tuple[np.ndarray, list]] = {}
         if split != "none":

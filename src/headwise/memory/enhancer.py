@@ -424,7 +424,17 @@ class QueryEnhancer(_Enhancer):
         return F.normalize(qa + self.mix(self.readout(qa, cand, scores)), dim=-1)
 
 
-def load_enhancer(directory: Path | str) -> LinearAdapter | QueryEnhancer:
+def _from_config(cfg: dict) -> _Enhancer:
+    """An untrained enhancer built from a saved config (a gated one wraps its inner config)."""
+    name = cfg.pop("class")
+    if name == "GatedEnhancer":
+        from headwise.memory.gate import GatedEnhancer
+
+        return GatedEnhancer(_from_config(dict(cfg.pop("inner"))), **cfg)
+    return {"LinearAdapter": LinearAdapter, "QueryEnhancer": QueryEnhancer}[name](**cfg)
+
+
+def load_enhancer(directory: Path | str) -> _Enhancer:
     """Load an enhancer saved with ``save(directory)`` (safetensors + JSON; nothing is unpickled)."""
     from safetensors.torch import load_file
 
@@ -434,8 +444,7 @@ def load_enhancer(directory: Path | str) -> LinearAdapter | QueryEnhancer:
         raise bad_argument("directory", f"a folder with {CONFIG_FILE} and {WEIGHTS_FILE}", str(d))
     try:
         cfg = json.loads(cfg_path.read_text())
-        cls = {"LinearAdapter": LinearAdapter, "QueryEnhancer": QueryEnhancer}[cfg.pop("class")]
-        model = cls(**cfg)
+        model = _from_config(cfg)
         model.load_state_dict(load_file(str(w_path)))
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
         if isinstance(exc, HeadwiseError):
