@@ -8,7 +8,7 @@ database's own metadata and are skipped.
 
 Example:
     >>> decode_number("B7"), decode_number("CXm")
-    (123, 38310)
+    (123, 9702)
 """
 
 from __future__ import annotations
