@@ -33,6 +33,12 @@ def gate(
     batch_size: Annotated[int, typer.Option(help="queries per step, half of each style")] = 256,
     lr: Annotated[float, typer.Option()] = 3e-3,
     hidden: Annotated[int, typer.Option(help="width of the gate's hidden layer")] = 64,
+    read_query: Annotated[
+        bool, typer.Option(help="feed the query vector itself to the gate (else only its summary features)")
+    ] = True,
+    anchors: Annotated[
+        int, typer.Option(help="training queries kept as familiarity anchors (not trained on; 0: none)")
+    ] = 4096,
     eval_every: Annotated[int, typer.Option()] = 50,
     patience: Annotated[int, typer.Option()] = 4,
     seed: Annotated[int, typer.Option()] = 0,
@@ -50,7 +56,10 @@ def gate(
                                "positive integers (batch size >= 2)",
                                (pseudo, pseudo_validation, steps, batch_size, eval_every))  # fmt: skip
         manifest, ds, docs, queries = _load(dir)
-        gated = GatedEnhancer(load_enhancer(dir / "models" / inner), hidden=hidden)
+        gated = GatedEnhancer(load_enhancer(dir / "models" / inner), hidden=hidden, anchors=anchors,
+                              read_query=read_query)  # fmt: skip
+        if not 0 <= anchors <= len(ds.split["train"]) // 2:
+            raise bad_argument("--anchors", f"0 .. half the training queries ({len(ds.split['train']) // 2})", anchors)
         held = {d for part in ("validation", "test") for i in ds.split[part] for d in ds.relevant[i]}
         n_val = pseudo_validation
         pairs = pseudo_queries(ds.documents, pseudo + n_val, seed=seed, exclude=sorted(held))
@@ -60,6 +69,10 @@ def gate(
     except HeadwiseError as exc:
         _fail(exc)
     tr, va = ds.split["train"], ds.split["validation"]
+    if anchors:  # anchors are held out of the gate's training: a query is never its own anchor
+        held_out = np.random.default_rng(seed).permutation(len(tr))
+        gated.set_anchors(queries[tr[np.sort(held_out[:anchors])]])
+        tr = tr[np.sort(held_out[anchors:])]
     n_tr = len(pairs) - n_val
     all_q = np.concatenate([queries[tr], queries[va], pseudo_emb])
     relevant = [ds.relevant[i] for i in tr] + [ds.relevant[i] for i in va] + [{d: 1} for _, d in pairs]
@@ -81,7 +94,7 @@ def gate(
     where = dir / "models" / (name or f"{inner}-gated")
     gated.save(where)
     best = max(records, key=lambda r: r["objective"])
-    history = {"records": records, "best_step": best["step"], "config": vars(cfg), "inner": inner,
+    history = {"records": records, "best_step": best["step"], "config": vars(cfg), "inner": inner, "anchors": anchors,
                "pseudo_queries": {"train": n_tr, "validation": n_val}, "seconds": time.perf_counter() - t0,
                "command": _command(ctx)}  # fmt: skip
     write_atomic(where / "history.json", json.dumps(history, indent=2))

@@ -46,6 +46,7 @@ from headwise.memory.enhancer import LinearAdapter, QueryEnhancer, _as_array, _a
 
 N_SCORE_FEATURES = 4
 SCORE_CANDIDATES = 8
+N_FAMILIARITY, FAMILIARITY_NEIGHBOURS = 2, 10
 
 
 def pseudo_queries(
@@ -87,7 +88,15 @@ class GatedEnhancer(_Enhancer):
             from the inner enhancer, close to 0 from plain cosine search.
     """
 
-    def __init__(self, inner: LinearAdapter | QueryEnhancer, *, hidden: int = 64, initial_gate: float = 0.5):
+    def __init__(
+        self,
+        inner: LinearAdapter | QueryEnhancer,
+        *,
+        hidden: int = 64,
+        initial_gate: float = 0.5,
+        anchors: int = 0,
+        read_query: bool = True,
+    ):
         super().__init__()
         if not isinstance(inner, LinearAdapter | QueryEnhancer):
             raise bad_argument("inner", "a LinearAdapter or QueryEnhancer", type(inner).__name__)
@@ -95,19 +104,34 @@ class GatedEnhancer(_Enhancer):
             raise bad_argument("hidden", "an integer >= 1", repr(hidden))
         if not 0 < initial_gate < 1:
             raise bad_argument("initial_gate", "a number in (0, 1)", repr(initial_gate))
+        if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
+            raise bad_argument("anchors", "an integer >= 0", repr(anchors))
         self.inner = inner.requires_grad_(False)
         # The gate reads the first pass's scores even where the inner enhancer ignores them (a
         # linear adapter): the store is asked for at least SCORE_CANDIDATES neighbours.
         self.dim, self.candidates, self.uses_candidates = inner.dim, max(inner.candidates, SCORE_CANDIDATES), True
-        self.hidden, self.initial_gate = hidden, initial_gate
-        self.gate_in = nn.Linear(inner.dim + 1 + N_SCORE_FEATURES, hidden)
+        self.hidden, self.initial_gate, self.read_query = hidden, initial_gate, bool(read_query)
+        # Anchors: training queries the gate was *not* trained on; a query's cosine to its
+        # nearest anchors says how familiar its style is (set with set_anchors, saved with the weights).
+        self.register_buffer("anchors", torch.zeros(anchors, inner.dim))
+        # read_query=False: the gate sees only the summary features, never the query vector.
+        self.gate_in = nn.Linear(inner.dim * self.read_query + 1 + N_SCORE_FEATURES + N_FAMILIARITY, hidden)
         self.gate_out = nn.Linear(hidden, 1)
         nn.init.zeros_(self.gate_out.weight)
         nn.init.constant_(self.gate_out.bias, float(np.log(initial_gate / (1 - initial_gate))))
 
+    def set_anchors(self, queries: Any) -> GatedEnhancer:
+        """Keep (n, d) unit query embeddings as anchors of familiarity (see the module docstring). Returns self."""
+        a = _as_array(queries, "anchors", 2, self.dim)
+        if len(a) < FAMILIARITY_NEIGHBOURS:
+            raise bad_argument("anchors", f"at least {FAMILIARITY_NEIGHBOURS} queries", len(a))
+        self.anchors = torch.from_numpy(a.copy())
+        return self
+
     def config(self) -> dict[str, Any]:
         inner = {"class": type(self.inner).__name__, **self.inner.config()}
-        return {"inner": inner, "hidden": self.hidden, "initial_gate": self.initial_gate}
+        return {"inner": inner, "hidden": self.hidden, "initial_gate": self.initial_gate,
+                "anchors": len(self.anchors), "read_query": self.read_query}  # fmt: skip
 
     def first_pass_queries(self, queries: Any) -> np.ndarray:
         """What the store's first pass searches with: the inner enhancer's choice."""
@@ -115,8 +139,15 @@ class GatedEnhancer(_Enhancer):
             return self.inner.first_pass_queries(queries)
         return _as_array(queries, "queries", 2, self.dim)
 
+    def familiarity(self, q: Tensor) -> Tensor:
+        """(n, 2): the top cosine and the mean of the top FAMILIARITY_NEIGHBOURS cosines to the anchors."""
+        if len(self.anchors) < FAMILIARITY_NEIGHBOURS:
+            return q.new_zeros(q.shape[0], N_FAMILIARITY)
+        top = (q @ self.anchors.T).topk(FAMILIARITY_NEIGHBOURS, dim=1).values
+        return torch.stack([top[:, 0], top.mean(dim=1)], dim=1)
+
     def gate(self, q: Tensor, r: Tensor, scores: Tensor | None) -> Tensor:
-        """g (n, 1) in (0, 1) from the raw query, the refined one and the first-pass scores."""
+        """g (n, 1) in (0, 1) from the raw query, the refined one, the first-pass scores and familiarity."""
         if scores is None or scores.shape[-1] == 0:
             feats = q.new_zeros(q.shape[0], N_SCORE_FEATURES)
         else:
@@ -124,7 +155,8 @@ class GatedEnhancer(_Enhancer):
             spread = scores.std(dim=1, keepdim=True) if scores.shape[1] > 1 else torch.zeros_like(top)
             feats = torch.cat([top, mean, top - mean, spread], dim=1)
         cos = (q * r).sum(dim=1, keepdim=True)
-        hidden = F.gelu(self.gate_in(torch.cat([q, cos, feats], dim=1)))
+        parts = [q, cos, feats, self.familiarity(q)] if self.read_query else [cos, feats, self.familiarity(q)]
+        hidden = F.gelu(self.gate_in(torch.cat(parts, dim=1)))
         return torch.sigmoid(self.gate_out(hidden))
 
     def mix(self, q: Tensor, r: Tensor, scores: Tensor | None) -> Tensor:
@@ -167,33 +199,56 @@ class GatedEnhancer(_Enhancer):
 
 @dataclass
 class GateData:
-    """Precomputed inputs of gate training: raw and inner-refined queries, first-pass scores, targets, style."""
+    """Precomputed inputs of gate training: raw and inner-refined queries, first-pass scores,
+    each query's contrast set (the union of the raw and the refined query's top ``depth`` and
+    its positive, duplicates masked), the positive's place in it, and the query's style."""
 
     q: Tensor
     r: Tensor
     scores: Tensor
-    positives: Tensor
+    contrast: Tensor  # (n, C) doc ids
+    valid: Tensor  # (n, C) bool: False for repeated ids
+    target: Tensor  # (n,) index of the positive in contrast
     style: Tensor  # 0: labelled training query, 1: corpus pseudo-query
     relevant: list[dict[int, int]]
 
     @classmethod
     def build(cls, gated: GatedEnhancer, docs: np.ndarray, queries: np.ndarray, relevant: Sequence[dict[int, int]],
-              style: np.ndarray, *, batch: int = 2048) -> GateData:  # fmt: skip
-        """Run the first pass (exact top-K) and the frozen inner enhancer once over every query."""
-        from headwise.memory.evaluate import exact_search
+              style: np.ndarray, *, depth: int = 100, batch: int = 2048) -> GateData:  # fmt: skip
+        """Run the first pass (exact top-K) and the frozen inner enhancer once over every query.
 
-        rs, ss = [], []
+        The gated query lies between q and r, so its softmax over the whole corpus is, to a
+        very good approximation, its softmax over the contrast set: training then costs a
+        (b, C) product per step instead of a (b, N) one.
+        """
+        from headwise.memory.evaluate import exact_search, flat_index
+
+        index = flat_index(docs)
+        depth = min(depth, len(docs))
+        rs, ss, cs = [], [], []
         for s in range(0, len(queries), batch):
             qb = np.ascontiguousarray(queries[s : s + batch], dtype=np.float32)
-            scores, ids = exact_search(docs, gated.first_pass_queries(qb), gated.candidates)
-            rs.append(gated._inner_refine(gated.inner.refine, qb, docs[ids], scores))
+            scores, ids = exact_search(index, gated.first_pass_queries(qb), gated.candidates)
+            rb = gated._inner_refine(gated.inner.refine, qb, docs[ids], scores)
+            rs.append(rb)
             ss.append(scores)
+            cs.append(np.concatenate([exact_search(index, qb, depth)[1], exact_search(index, rb, depth)[1]], axis=1))
         positives = np.array([max(r, key=lambda d: (r[d], -d)) for r in relevant], dtype=np.int64)
+        contrast = np.concatenate([np.concatenate(cs), positives[:, None]], axis=1)
+        valid = np.ones(contrast.shape, dtype=bool)
+        order = np.argsort(contrast, axis=1, kind="stable")
+        ranked = np.take_along_axis(contrast, order, axis=1)
+        repeat = np.zeros(contrast.shape, dtype=bool)
+        repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+        np.put_along_axis(valid, order, ~repeat, axis=1)  # the first occurrence of each id stays
+        target = np.argmax((contrast == positives[:, None]) & valid, axis=1)
         return cls(
             q=torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)),
             r=torch.from_numpy(np.concatenate(rs)),
             scores=torch.from_numpy(np.concatenate(ss)),
-            positives=torch.from_numpy(positives),
+            contrast=torch.from_numpy(contrast),
+            valid=torch.from_numpy(valid),
+            target=torch.from_numpy(target),
             style=torch.from_numpy(np.asarray(style, dtype=np.int64)),
             relevant=list(relevant),
         )
@@ -268,7 +323,8 @@ def train_gate(
             gated.train()
             idx = torch.from_numpy(np.concatenate([rng.choice(b, size=half) for b in by_style]))
             r = gated.mix(*data.take(idx))
-            loss = F.cross_entropy(r @ D.T / cfg.temperature, data.positives[idx])
+            logits = torch.einsum("bd,bcd->bc", r, D[data.contrast[idx]]) / cfg.temperature
+            loss = F.cross_entropy(logits.masked_fill(~data.valid[idx], float("-inf")), data.target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
