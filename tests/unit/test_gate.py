@@ -97,3 +97,29 @@ def test_training_closes_the_gate_where_the_inner_move_hurts():
     with torch.no_grad():
         g = gated.gate(data.q, data.r, data.scores).squeeze(1).numpy()
     assert g[style == 0].mean() > 0.7 and g[style == 1].mean() < 0.3
+
+
+def test_a_store_serves_a_gated_enhancer():
+    """VectorMemory with a gated enhancer: its first pass, refine_unchecked and second pass agree with the pipeline."""
+    from headwise.memory import VectorMemory
+    from headwise.memory.evaluate import exact_search
+
+    rng = np.random.default_rng(3)
+    docs = rng.standard_normal((300, 16)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    enh = QueryEnhancer(16, heads=4, candidates=12).eval()
+    with torch.no_grad():
+        enh.mix.weight.normal_(std=0.3)
+    gated = GatedEnhancer(enh, hidden=8).eval()
+    with torch.no_grad():
+        gated.gate_out.weight.normal_()
+    mem = VectorMemory(16)
+    mem.add(docs)
+    mem.set_enhancer(gated)
+    q = docs[:5] + 0.1 * rng.standard_normal((5, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, ids = mem.search(q, 5)
+    s, first = exact_search(docs, gated.first_pass_queries(q), gated.candidates)
+    refined = gated.refine(q, docs[first], s)
+    want = exact_search(docs, refined / np.linalg.norm(refined, axis=1, keepdims=True), 5)[1]
+    assert np.array_equal(ids, want)
