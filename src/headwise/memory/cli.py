@@ -69,12 +69,22 @@ def _load(directory: Path) -> tuple[dict, RetrievalDataset, np.ndarray, np.ndarr
     if not path.is_file():
         raise bad_argument("--dir", f"a folder made by 'headwise memory build' (with {MANIFEST})", str(directory))
     manifest = json.loads(path.read_text())
-    ds = load_dataset(manifest["source"], limit=manifest.get("limit"))
+    ds = _dataset_from(manifest["source"], manifest.get("limit"))
     if ds.fingerprint() != manifest["fingerprint"]:
         raise bad_argument("--dir", f"data matching fingerprint {manifest['fingerprint']}", ds.fingerprint())
     docs = np.load(directory / "docs.npy", allow_pickle=False)
     queries = np.load(directory / "queries.npy", allow_pickle=False)
     return manifest, ds, docs, queries
+
+
+def _dataset_from(source: str | dict, limit: int | None) -> RetrievalDataset:
+    """A built-in dataset by name or file, or a user's corpus (a manifest's ``source``)."""
+    if isinstance(source, dict):
+        from headwise.memory.userdata import user_dataset
+
+        return user_dataset(source["corpus"], source.get("queries"), seed=source["seed"], test=source["test"],
+                            validation=source["validation"])  # fmt: skip
+    return load_dataset(source, limit=limit)
 
 
 def _methods(spec: str, models: Path | None = None) -> list[str]:
@@ -94,24 +104,47 @@ def _methods(spec: str, models: Path | None = None) -> list[str]:
 @memory_app.command()
 def build(
     ctx: typer.Context,
-    dataset: Annotated[str, typer.Option(help="wordnet, debian, or a JSONL(.gz) file in the Debian sample format")],
     out: Annotated[Path, typer.Option(help="working directory to create")],
+    dataset: Annotated[
+        str | None, typer.Option(help="wordnet, debian, or a JSONL(.gz) file in the Debian sample format")
+    ] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help='your own corpus: JSONL(.gz) lines {"id", "text", "metadata"?}')
+    ] = None,
+    queries: Annotated[
+        Path | None, typer.Option(help='with --corpus: labelled queries, lines {"query", "relevant", "split"?}')
+    ] = None,
+    test_fraction: Annotated[float, typer.Option(help="with --queries and no split field: test share")] = 0.2,
+    validation_fraction: Annotated[float, typer.Option(help="with --queries and no split field: validation share")] = (
+        0.1
+    ),
+    seed: Annotated[int, typer.Option(help="seed of the random query split")] = 20240505,
     limit: Annotated[int | None, typer.Option(help="WordNet only: first N synsets of each part of speech")] = None,
 ) -> None:
-    """Load a dataset, embed its documents and queries with MiniLM (cached), write the working directory."""
+    """Load a dataset (built-in or your own corpus), embed it with MiniLM (cached), write the working directory."""
     try:
         t0 = time.perf_counter()
-        ds = load_dataset(dataset, limit=limit)
-        docs, queries = embed_dataset(ds, progress=True)
+        if (dataset is None) == (corpus is None):
+            raise bad_argument("--dataset/--corpus", "exactly one of them", f"dataset={dataset}, corpus={corpus}")
+        if queries is not None and corpus is None:
+            raise bad_argument("--queries", "--corpus as well (built-in datasets bring their queries)", str(queries))
+        if corpus is not None:
+            source: str | dict = {"corpus": str(corpus.resolve()), "seed": seed, "test": test_fraction,
+                                  "validation": validation_fraction,
+                                  "queries": str(queries.resolve()) if queries is not None else None}  # fmt: skip
+        else:
+            source = str(Path(dataset).resolve()) if Path(dataset).is_file() else dataset
+        ds = _dataset_from(source, limit)
+        docs, queries_emb = embed_dataset(ds, progress=True)
     except HeadwiseError as exc:
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)
-    for name, arr in (("docs.npy", docs), ("queries.npy", queries)):
+    for name, arr in (("docs.npy", docs), ("queries.npy", queries_emb)):
         tmp = out / f".{name}.tmp.npy"
         np.save(tmp, arr, allow_pickle=False)
         tmp.replace(out / name)
     manifest = {
-        "source": str(Path(dataset).resolve()) if Path(dataset).is_file() else dataset,
+        "source": source,
         "name": ds.name,
         "limit": limit,
         "fingerprint": ds.fingerprint(),

@@ -292,8 +292,12 @@ def debian(
     path = Path(path)
     if not path.is_file():
         raise bad_argument("path", "a gzipped JSONL Debian sample (data/debian/descriptions.jsonl.gz)", str(path))
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    opener = gzip.open if path.suffix == ".gz" else open  # JSONL, gzipped or not
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, UnicodeDecodeError, EOFError, json.JSONDecodeError) as exc:
+        raise bad_argument("path", "a JSONL(.gz) file of Debian sample rows", f"{path}: {exc}") from None
     for i, r in enumerate(rows):
         if not {"package", "source", "synopsis", "description"} <= r.keys():
             raise bad_argument(f"{path.name} line {i + 1}", "fields package, source, synopsis, description", sorted(r))
