@@ -84,6 +84,15 @@ def test_build_train_eval_on_own_corpus(files, tmp_path):
     res = invoke("build", "--corpus", str(corpus), "--out", str(tmp_path / "bare"))
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "bare" / "manifest.json").read_text())["queries"] == 0
+    # ... and trains from the corpus alone: pseudo-queries cut from its documents
+    res = invoke("train", "--dir", str(tmp_path / "bare"), "--method", "linear", "--self-supervised", "40",
+                 "--steps", "5", "--eval-every", "5", "--batch-size", "8", "--name", "linear-self")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "16 corpus pseudo-queries" in res.output  # 20 documents, each drawn once: 16 train, 4 validate
+    hist = json.loads((tmp_path / "bare" / "models" / "linear-self" / "history.json").read_text())
+    assert "--self-supervised 40" in hist["command"] and "--name linear-self" in hist["command"]
+    res = invoke("train", "--dir", str(tmp_path / "bare"), "--method", "linear,multi-head", "--name", "x")
+    assert res.exit_code == 2 and "one --method" in res.output
 
 
 def test_build_argument_errors(files, tmp_path):

@@ -87,6 +87,23 @@ def _dataset_from(source: str | dict, limit: int | None) -> RetrievalDataset:
     return load_dataset(source, limit=limit)
 
 
+def _pseudo_training_set(ds: RetrievalDataset, n: int, seed: int) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
+    """(query embeddings, relevance, train indices, validation indices) of n + n // 10 corpus pseudo-queries.
+
+    No labelled query is used (see headwise.memory.gate.pseudo_queries).
+    """
+    from headwise.memory.datasets import embed
+    from headwise.memory.gate import pseudo_queries
+
+    n_val = max(1, n // 10)
+    pairs = pseudo_queries(ds.documents, n + n_val, seed=seed)
+    if len(pairs) < 2:
+        raise bad_argument("--self-supervised", "a corpus with documents of at least 4 words", len(pairs))
+    emb = embed([t for t, _ in pairs], description=f"{ds.name}: pseudo-queries")
+    n_tr = max(1, len(pairs) - n_val)
+    return emb, [{d: 1} for _, d in pairs], np.arange(n_tr), np.arange(n_tr, len(pairs))
+
+
 def _methods(spec: str, models: Path | None = None) -> list[str]:
     """Method names: knn, linear, the mechanisms, and (with ``models``) any model folder in it."""
     from headwise.memory.enhancer import MECHANISMS
@@ -196,6 +213,14 @@ def train(
         bool, typer.Option(help="with --adapter-from: keep training the copied adapter instead of freezing it")
     ] = False,
     dropout: Annotated[float, typer.Option(help="dropout on the candidate tokens while training")] = 0.0,
+    self_supervised: Annotated[
+        int,
+        typer.Option(
+            help="train on N pseudo-queries cut from the corpus (a span of a document as its query) instead of "
+            "the labelled queries, validating on N/10 more; 0: off"
+        ),
+    ] = 0,
+    name: Annotated[str | None, typer.Option(help="model folder to write (default: the method's name)")] = None,
 ) -> None:
     """Train enhancers with InfoNCE over the whole corpus plus kNN-mined hard negatives; save the best."""
     from headwise.memory.enhancer import LinearAdapter, load_enhancer
@@ -204,7 +229,14 @@ def train(
 
     try:
         names = [m for m in _methods(method) if m != "knn"]
+        if name is not None and len(names) != 1:
+            raise bad_argument("--name", "one --method with it", names)
         manifest, ds, docs, queries = _load(dir)
+        relevant, train_idx, val_idx = ds.relevant, ds.split["train"], ds.split["validation"]
+        if self_supervised < 0:
+            raise bad_argument("--self-supervised", "an integer >= 0", self_supervised)
+        if self_supervised:
+            queries, relevant, train_idx, val_idx = _pseudo_training_set(ds, self_supervised, seed)
         cfg = TrainConfig(
             steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, hard_weight=hard_weight,
             eval_every=eval_every, patience=patience, seed=seed,
@@ -230,21 +262,22 @@ def train(
                 fq = model.first_pass_queries(queries) if first != "raw" else None
                 with console.status(f"mining {first} first-pass candidates and hard negatives (exact kNN)"):
                     datasets[first] = TrainData.build(
-                        docs, queries, ds.relevant, ds.split["train"], ds.split["validation"], k=candidates,
+                        docs, queries, relevant, train_idx, val_idx, k=candidates,
                         hard_negatives=cfg.hard_negatives, first_queries=fq,
                     )  # fmt: skip
             return datasets[first]
     except HeadwiseError as exc:
         _fail(exc)
-    table = Table(title=f"trained on {manifest['name']}: {len(ds.split['train']):,} queries")
+    what = "corpus pseudo-queries" if self_supervised else "queries"
+    table = Table(title=f"trained on {manifest['name']}: {len(train_idx):,} {what}")
     if adapter is not None:
         how = "trained further" if train_adapter else "frozen"
         table.caption = f"* on top of {adapter_from!r}'s adapter ({how}), candidates from the {first_pass} query"
     for col in ("method", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
         table.add_column(col, justify="right")
-    for name in names:
-        attention = name != "linear" and adapter is not None
-        model = make_model(name, docs.shape[1], heads=heads, candidates=candidates, seed=seed, dropout=dropout,
+    for method_name in names:
+        attention = method_name != "linear" and adapter is not None
+        model = make_model(method_name, docs.shape[1], heads=heads, candidates=candidates, seed=seed, dropout=dropout,
                            first_pass=first_pass if attention else "raw")  # fmt: skip
         if attention:
             model.adopt_adapter(adapter, freeze=not train_adapter)
@@ -252,19 +285,19 @@ def train(
         t0 = time.perf_counter()
         cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*cols, console=console, transient=True) as bar:
-            task = bar.add_task(f"training {name}", total=steps, info="")
+            task = bar.add_task(f"training {method_name}", total=steps, info="")
 
             def report(step: int, entry: dict, bar: Progress = bar, task: int = task) -> None:
                 bar.update(task, completed=step, info=f"val R@10 {entry['val_recall@10']:.4f}")
 
             hist = run_training(model, data, cfg, progress=report)
-        where = dir / "models" / name
+        where = dir / "models" / (name or method_name)
         model.save(where)
         history = {"records": hist.records, "best_step": hist.best_step, "config": hist.config,
                    "seconds": time.perf_counter() - t0, "command": _command(ctx)}  # fmt: skip
         write_atomic(where / "history.json", json.dumps(history, indent=2))
         table.add_row(
-            name + ("*" if attention else ""), f"{hist.records[0]['val_recall@10']:.4f}",
+            (name or method_name) + ("*" if attention else ""), f"{hist.records[0]['val_recall@10']:.4f}",
             f"{hist.best_recall:.4f}", str(hist.best_step),
             str(hist.records[-1]["step"]), f"{history['seconds']:.0f}",
         )  # fmt: skip
