@@ -32,6 +32,9 @@ def gate(
     steps: Annotated[int, typer.Option(help="maximum optimizer steps (early stopping on validation)")] = 400,
     batch_size: Annotated[int, typer.Option(help="queries per step, half of each style")] = 256,
     lr: Annotated[float, typer.Option()] = 3e-3,
+    harm_weight: Annotated[
+        float, typer.Option(help="extra weight on the loss of queries the gated move makes worse than the raw query")
+    ] = 0.0,
     hidden: Annotated[int, typer.Option(help="width of the gate's hidden layer")] = 64,
     read_query: Annotated[
         bool, typer.Option(help="feed the query vector itself to the gate (else only its summary features)")
@@ -81,7 +84,8 @@ def gate(
     val_idx = np.concatenate([len(tr) + np.arange(len(va)), len(tr) + len(va) + n_tr + np.arange(n_val)])
     with console.status("first pass and inner enhancer over every training query"):
         data = GateData.build(gated, docs, all_q, relevant, style)
-    cfg = GateConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience, seed=seed)
+    cfg = GateConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience, seed=seed,
+                     harm_weight=harm_weight)  # fmt: skip
     cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*cols, console=console, transient=True) as bar:
         task = bar.add_task(f"training the gate of {inner}", total=steps, info="")

@@ -266,6 +266,9 @@ class GateConfig:
     eval_every: int = 50
     patience: int = 4
     seed: int = 0
+    # > 0: each query's loss also pays harm_weight x (its loss - its loss at g = 0) where the
+    # gated query does worse than the raw one: a move that hurts costs more than one that helps.
+    harm_weight: float = 0.0
 
 
 @torch.no_grad()
@@ -322,9 +325,17 @@ def train_gate(
         for step in range(1, cfg.steps + 1):
             gated.train()
             idx = torch.from_numpy(np.concatenate([rng.choice(b, size=half) for b in by_style]))
-            r = gated.mix(*data.take(idx))
-            logits = torch.einsum("bd,bcd->bc", r, D[data.contrast[idx]]) / cfg.temperature
-            loss = F.cross_entropy(logits.masked_fill(~data.valid[idx], float("-inf")), data.target[idx])
+            q, r_in, scores = data.take(idx)
+            cands, invalid = D[data.contrast[idx]], ~data.valid[idx]
+
+            def nll(x: Tensor, cands: Tensor = cands, invalid: Tensor = invalid, idx: Tensor = idx) -> Tensor:
+                logits = torch.einsum("bd,bcd->bc", x, cands) / cfg.temperature
+                return F.cross_entropy(logits.masked_fill(invalid, float("-inf")), data.target[idx], reduction="none")
+
+            per_query = nll(gated.mix(q, r_in, scores))
+            loss = per_query.mean()
+            if cfg.harm_weight > 0:
+                loss = loss + cfg.harm_weight * F.relu(per_query - nll(q).detach()).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
