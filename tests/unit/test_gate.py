@@ -123,3 +123,19 @@ def test_a_store_serves_a_gated_enhancer():
     refined = gated.refine(q, docs[first], s)
     want = exact_search(docs, refined / np.linalg.norm(refined, axis=1, keepdims=True), 5)[1]
     assert np.array_equal(ids, want)
+
+
+def test_a_closed_gate_sends_the_query_to_the_fallback(tmp_path):
+    ad, _ = _trained_linear(8, 0)
+    fallback, _ = _trained_linear(8, 5)
+    gated = GatedEnhancer(ad, hidden=4, initial_gate=0.25, fallback=fallback)
+    q = F.normalize(torch.randn(5, 8), dim=-1)
+    cands, scores = F.normalize(torch.randn(5, 8, 8), dim=-1), torch.rand(5, 8)
+    want = F.normalize(0.75 * fallback(q) + 0.25 * ad(q), dim=-1)
+    assert torch.allclose(gated(q, cands, scores), want, atol=1e-6)
+    gated.save(tmp_path / "g")
+    back = load_enhancer(tmp_path / "g")
+    assert isinstance(back.fallback, LinearAdapter)
+    assert np.allclose(back.refine(q.numpy(), cands.numpy(), scores.numpy()), want.numpy(), atol=1e-6)
+    with pytest.raises(HeadwiseError, match="fallback"):
+        GatedEnhancer(ad, fallback=LinearAdapter(4))

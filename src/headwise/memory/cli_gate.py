@@ -39,6 +39,10 @@ def gate(
     read_query: Annotated[
         bool, typer.Option(help="feed the query vector itself to the gate (else only its summary features)")
     ] = True,
+    fallback: Annotated[
+        str | None,
+        typer.Option(help="a linear model in DIR/models where a closed gate sends the query (default: the raw query)"),
+    ] = None,
     anchors: Annotated[
         int, typer.Option(help="training queries kept as familiarity anchors (not trained on; 0: none)")
     ] = 4096,
@@ -59,8 +63,9 @@ def gate(
                                "positive integers (batch size >= 2)",
                                (pseudo, pseudo_validation, steps, batch_size, eval_every))  # fmt: skip
         manifest, ds, docs, queries = _load(dir)
+        base = load_enhancer(dir / "models" / fallback) if fallback is not None else None
         gated = GatedEnhancer(load_enhancer(dir / "models" / inner), hidden=hidden, anchors=anchors,
-                              read_query=read_query)  # fmt: skip
+                              read_query=read_query, fallback=base)  # fmt: skip
         if not 0 <= anchors <= len(ds.split["train"]) // 2:
             raise bad_argument("--anchors", f"0 .. half the training queries ({len(ds.split['train']) // 2})", anchors)
         held = {d for part in ("validation", "test") for i in ds.split[part] for d in ds.relevant[i]}

@@ -430,7 +430,9 @@ def _from_config(cfg: dict) -> _Enhancer:
     if name == "GatedEnhancer":
         from headwise.memory.gate import GatedEnhancer
 
-        return GatedEnhancer(_from_config(dict(cfg.pop("inner"))), **cfg)
+        fallback = cfg.pop("fallback", None)
+        fallback = _from_config(dict(fallback)) if fallback is not None else None
+        return GatedEnhancer(_from_config(dict(cfg.pop("inner"))), fallback=fallback, **cfg)
     return {"LinearAdapter": LinearAdapter, "QueryEnhancer": QueryEnhancer}[name](**cfg)
 
 
