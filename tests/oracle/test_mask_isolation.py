@@ -200,7 +200,7 @@ def test_tiled_masked_keys_never_leak_random(L, S, groups, blocks, mask_name, de
 def test_row_reach_by_ranges_equals_piece_by_piece(mask_name, shape_name):
     """The sparse-table range maximum (exact-bound masks) equals the tile-by-tile one."""
     from headwise.attend import make_request
-    from headwise.kernels import tiled
+    from headwise.kernels import tiled, unshifted
 
     B, Hq, Hkv, L, S, E, Ev = SHAPES[shape_name]
     q, k, v, _ = _inputs(SHAPES[shape_name], torch.float32)
@@ -208,12 +208,12 @@ def test_row_reach_by_ranges_equals_piece_by_piece(mask_name, shape_name):
     req = make_request(q, k, v, mask, None, None, 0.0, False, False)
     plan = tiled.make_plan(req, 8, 8, 24)
     k_norm = torch.linalg.vector_norm(k, dim=-1)
-    by_ranges = tiled._reach_by_ranges(plan, k_norm)
+    by_ranges = unshifted._reach_by_ranges(plan, k_norm)
     assert by_ranges is not None, "an exact-bound mask must take the range path"
     blocks = tiled._Blocks(plan, q.device)
     for iq, spans in enumerate(plan.spans):
         qs = iq * plan.block_q
         n = min(plan.block_q, L - qs)
-        want = tiled._reach_by_pieces(blocks, k_norm, spans, qs, n)
+        want = unshifted._reach_by_pieces(blocks, k_norm, spans, qs, n)
         got = by_ranges[..., qs : qs + n] if by_ranges.shape[-1] > 1 else by_ranges
         assert torch.equal(got.expand_as(want), want), f"query block {iq}"

@@ -6,7 +6,7 @@ are skipped, FULL blocks need no element mask), keeping a running row max ``m``,
 sum ``l`` of ``exp(s - m)`` and the running output, rescaled whenever ``m`` grows. Memory
 is O(block_q * block_k) per head for the logits, never O(L * S). A query block whose logits
 are provably within +-BOUNDED_LOGIT_LIMIT (Cauchy-Schwarz over the keys each row may attend,
-see _unshifted_rows) skips the running max altogether: exp(s) with no shift, nothing to
+see kernels/unshifted.py) skips the running max altogether: exp(s) with no shift, nothing to
 rescale. Nothing a row's mask excludes changes a bit of its output, lse, statistics or
 gradients: masked probabilities are exactly 0 and no decision looks at masked keys.
 
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from headwise.kernels.base import BOUNDED_LOGIT_LIMIT as _BOUNDED_LOGIT_LIMIT
 from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request
+from headwise.kernels.unshifted import ALL_ROWS, NO_ROWS, unshifted_rows
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
 from headwise.scores import Score
 
@@ -302,136 +303,11 @@ def _scaled_queries(plan: TiledPlan, q: Tensor) -> Tensor:
     return q * plan.scale if plan.score is None else q
 
 
-def _tile_pieces(width: int, partial: tuple[tuple[int, int], ...]) -> list[tuple[int, int, bool]]:
-    """Cut a tile of ``width`` keys into (start, end, needs the element mask) pieces, in order.
-
-    >>> _tile_pieces(10, ((2, 4), (6, 8)))
-    [(0, 2, False), (2, 4, True), (4, 6, False), (6, 8, True), (8, 10, False)]
-    """
-    pieces, at = [], 0
-    for a, b in partial:
-        if a > at:
-            pieces.append((at, a, False))
-        pieces.append((a, b, True))
-        at = b
-    if at < width:
-        pieces.append((at, width, False))
-    return pieces
-
-
-# How a query block runs: every row unshifted, none, or a mix (see _unshifted_rows).
-_ALL, _NONE = "all", "none"
-
-
-def _unshifted_rows(plan: TiledPlan, q5: Tensor, k: Tensor, blocks: _Blocks) -> list[str | Tensor]:
-    """Per query block, which rows have every allowed logit within +-_BOUNDED_LOGIT_LIMIT.
-
-    By Cauchy-Schwarz, |s_ij| <= |q_i| max_j |k_j| (q already scaled), the max taken per
-    row over the keys that row may attend and nothing else. Such a row takes p = exp(s)
-    with no shift (its max is 0): no max pass, no subtraction, no rescaling between tiles.
-    The decision is per row, never per block, and never looks at a masked key: otherwise
-    a masked key, or another row's key, would decide which scheme a row runs and move the
-    rounding of its output (issue 24). Returns per query block "all", "none", or the
-    (B*Hkv, G*n, 1) bool rows of a mixed block. Inputs of large norm (and NaN/Inf in an
-    allowed key, whose bound is not finite) take the online-max path; so do scores, which
-    change the logits after the dot product.
-    """
-    nq, bq, L = len(plan.spans), plan.block_q, plan.L
-    limit = _BOUNDED_LOGIT_LIMIT.get(q5.dtype)
-    if plan.score is not None or limit is None or k.shape[2] == 0 or q5.numel() == 0:
-        return [_NONE] * nq
-    B, Hkv, G = plan.B, plan.Hkv, plan.G
-    k_norm = torch.linalg.vector_norm(k, dim=-1)  # (B, Hkv, S)
-    q_norm = torch.linalg.vector_norm(q5, dim=-1)  # (B, Hkv, G, L)
-    reach = _reach_by_ranges(plan, k_norm)  # (B, Hkv, G|1, L|1) or None
-    if reach is None:
-        pieces = [
-            _reach_by_pieces(blocks, k_norm, spans, i * bq, min(bq, L - i * bq)) for i, spans in enumerate(plan.spans)
-        ]
-        reach = torch.cat(pieces, dim=-1)
-    ok = q_norm * reach <= limit  # (B, Hkv, G, L)
-    # Whole blocks at once: pad to nq * bq rows (padding counts as unshifted) and reduce.
-    padded = torch.nn.functional.pad(ok, (0, nq * bq - L), value=True).view(B, Hkv, G, nq, bq)
-    every = padded.all(dim=4).flatten(0, 2).all(dim=0)
-    some = padded.any(dim=4).flatten(0, 2).any(dim=0)
-    kinds = []
-    for iq, (e, s) in enumerate(zip(every.tolist(), some.tolist())):
-        if e or not s:
-            kinds.append(_ALL if e else _NONE)
-        else:
-            n = min(bq, L - iq * bq)
-            kinds.append(ok[..., iq * bq : iq * bq + n].reshape(B * Hkv, G * n, 1))
-    return kinds
-
-
-def _reach_by_ranges(plan: TiledPlan, k_norm: Tensor) -> Tensor | None:
-    """Per row, max |k_j| over the keys it may attend, when those keys are one known range.
-
-    No mask: every key, (B, Hkv, 1, 1). A mask with exact bounds (causal, windows, chunks,
-    padding and their intersections): a range maximum over a sparse table of the key norms,
-    O(S log w + L) for ranges of at most w keys, (B, Hkv, G, L). Otherwise None (see
-    _reach_by_pieces).
-    """
-    B, Hkv, G, S = plan.B, plan.Hkv, plan.G, plan.S
-    if plan.mask is None:
-        return k_norm.amax(dim=-1)[:, :, None, None]
-    if not plan.mask.exact_bounds:
-        return None
-    ranges = plan.keeps.get("ranges")
-    if ranges is None or ranges[0].device != k_norm.device:
-        ranges = plan.keeps["ranges"] = _range_lookups(plan, k_norm.device)
-    first, last, empty, levels = ranges
-    # table[..., j, i] = max of k_norm[..., i : i + 2**j] (0 past the end), one level per pass.
-    table = k_norm.new_zeros(B, Hkv, levels, S)
-    table[:, :, 0] = k_norm
-    for j in range(1, levels):
-        w = 1 << (j - 1)
-        torch.maximum(table[:, :, j - 1, : S - w], table[:, :, j - 1, w:], out=table[:, :, j, : S - w])
-    flat = table.view(B, Hkv, 1, levels * S).expand(B, Hkv, G, levels * S)
-    return torch.maximum(flat.gather(-1, first), flat.gather(-1, last)).masked_fill_(empty, 0.0)
-
-
-def _range_lookups(plan: TiledPlan, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Where each row's key range [lo, hi] reads the sparse table (two overlapping power-of-two
-    windows), which rows attend nothing, and how many levels the table needs. Cached on the plan.
-    """
-    B, Hkv, G, L, S = plan.B, plan.Hkv, plan.G, plan.L, plan.S
-    b = torch.arange(B, device=device).view(B, 1, 1)
-    h = torch.arange(plan.Hq, device=device).view(1, plan.Hq, 1)
-    pos = (torch.arange(L, device=device) + (S - L)).view(1, 1, L)
-    lo, hi = (t.expand(B, plan.Hq, L) for t in plan.mask.bounds(b, h, pos, S))
-    lo, hi = lo.clamp(min=0), hi.clamp(max=S - 1)
-    empty = hi < lo
-    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)  # any valid index; zeroed after the read
-    # floor(log2(length)) from the float exponent: exact for lengths below 2**24.
-    level = (torch.frexp((hi - lo + 1).float()).exponent - 1).long()
-    first = level * S + lo
-    last = level * S + hi - (1 << level) + 1
-    shape = (B, Hkv, G, L)
-    return first.reshape(shape), last.reshape(shape), empty.reshape(shape), int(level.max()) + 1
-
-
-def _reach_by_pieces(blocks: _Blocks, k_norm: Tensor, spans: list[Span], qs: int, n: int) -> Tensor:
-    """Per row of one query block, max |k_j| over the keys it may attend, tile piece by piece."""
-    plan = blocks.plan
-    reach = k_norm.new_zeros(plan.B, plan.Hkv, plan.G, n)
-    for ks, ke, partial in spans:
-        for a, b, masked in _tile_pieces(ke - ks, partial):
-            kn = k_norm[:, :, ks + a : ks + b]
-            if masked:
-                allowed = blocks.keep(qs, n, ks + a, b - a, k_norm.dtype, as_bias=False) > 0
-                piece = torch.where(allowed, kn[:, :, None, None, :], 0.0).amax(dim=-1)
-            else:
-                piece = kn.amax(dim=-1)[:, :, None, None]
-            reach = torch.maximum(reach, piece)
-    return reach
-
-
 def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats: bool):
     """Forward over the plan's tiles. Returns out (B, Hq, L, Ev), lse (B, Hq, L), entropy, max weight.
 
     Each query block runs one of two exact schemes: no shift at all when its logits are
-    provably moderate (see _unshifted_rows), else a running row maximum; a block that
+    provably moderate (see kernels/unshifted.py), else a running row maximum; a block that
     mixes both runs the online scheme with the shift of its unshifted rows held at 0, which
     gives those rows the very same arithmetic as the unshifted scheme.
     """
@@ -440,7 +316,8 @@ def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats:
     blocks = _Blocks(plan, q.device)
     q5 = _scaled_queries(plan, q).view(B, Hkv, G, L, E)
     v3 = v.view(B * Hkv, -1, Ev)
-    unshifted = _unshifted_rows(plan, q5, k, blocks)
+    limit = _BOUNDED_LOGIT_LIMIT.get(q5.dtype) if plan.score is None else None
+    unshifted = unshifted_rows(plan, q5, k, blocks, limit)
     out = q.new_zeros(B, Hkv, G, L, Ev)
     lse = q.new_full((B, Hkv, G, L), float("-inf"))
     entropy = q.new_zeros(B, Hkv, G, L) if need_stats else None
@@ -456,10 +333,10 @@ def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats:
         n = min(plan.block_q, L - qs)
         tiles = _Tiles(blocks, q5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, E), k, v3, qs, flat, pflat)
         kind = unshifted[iq]
-        if kind is _ALL:
+        if kind is ALL_ROWS:
             m, l_run, acc, ps, top = _bounded_rows(tiles, spans, need_stats)
         else:
-            m, l_run, acc, ps, top = _online_rows(tiles, spans, need_stats, None if kind is _NONE else kind)
+            m, l_run, acc, ps, top = _online_rows(tiles, spans, need_stats, None if kind is NO_ROWS else kind)
         has = l_run != 0  # 0: nothing to attend to; NaN (from NaN inputs) stays NaN
         l_safe = torch.where(has, l_run, 1.0)
         rows = (slice(None), slice(None), slice(None), slice(qs, qs + n))
@@ -504,7 +381,7 @@ def _row_dot(p: Tensor, t: Tensor) -> Tensor:
 
 
 def _bounded_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
-    """One query block with p = exp(s) (see _unshifted_rows): no shift, nothing to rescale.
+    """One query block with p = exp(s) (see kernels/unshifted.py): no shift, nothing to rescale.
 
     Returns the shift 0, l = sum p, acc = sum p v, sum p s and max p (the last two: stats).
     """
@@ -533,7 +410,7 @@ def _bounded_rows(tiles: _Tiles, spans: list[Span], need_stats: bool):
 def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool, fixed: Tensor | None = None):
     """One query block with a running row maximum m, rescaling l and acc when it grows.
 
-    ``fixed`` (rows, 1) marks rows whose shift stays 0 (see _unshifted_rows): for them
+    ``fixed`` (rows, 1) marks rows whose shift stays 0 (see kernels/unshifted.py): for them
     alpha is exp(0) = 1 and t = s, so they get exactly the arithmetic of _bounded_rows.
     Returns m, l = sum exp(s - m), acc, sum p (s - m) and the largest p (1 for shifted rows).
     """
