@@ -43,9 +43,14 @@ def test_train_eval_search(workdir, tmp_path):
     assert [r["step"] for r in hist["records"]][0] == 0 and hist["config"]["steps"] == 20
     out = tmp_path / "memory_wn"
     res = invoke("eval", "--dir", str(workdir), "--method", "knn,linear,multi-head", "--out", str(out),
-                 "--samples", "100", "--latency", "3")  # fmt: skip
+                 "--samples", "100", "--latency", "3", "--head-metrics")  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads(out.with_suffix(".json").read_text())
+    heads = data["sets"]["wordnet-100 test"]["head_metrics"]
+    assert list(heads) == ["multi-head"] and len(heads["multi-head"]["heads"]) == 8  # linear has no heads
+    h0 = heads["multi-head"]["heads"][0]
+    assert 0 <= h0["normalized_entropy"] <= 1 and 1 <= h0["top_rank"] <= 8 and 1 / 8 <= h0["max_weight"] <= 1
+    assert "Retrieval heads" in out.with_suffix(".md").read_text()
     assert set(data["methods"]) == {"knn", "linear", "multi-head"}
     lo, mean, hi = (data["methods"]["knn"]["recall@10"][i] for i in (1, 0, 2))
     assert 0 < lo <= mean <= hi <= 1
@@ -84,7 +89,7 @@ def test_train_eval_search(workdir, tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert set(data["methods"]) == {"linear", "multi-head", "multi-head (adapter only)"}
     assert "multi-head - multi-head (adapter only) recall@10" in data["comparisons"]
-    assert data["command"].endswith(" --ablate")
+    assert " --ablate" in data["command"] and "--queries" not in data["command"]
     res = invoke("search", "--dir", str(workdir), "--method", "multi-head", "--k", "3", "a living thing")
     assert res.exit_code == 0, res.output
     assert "knn" in res.output and "multi-head" in res.output
@@ -138,6 +143,7 @@ def test_eval_on_query_files(workdir, tmp_path):
     assert data["sets"]["glosses"]["results"]["knn"]["recall@10"][0] >= 0.9
     md = out.with_suffix(".md").read_text()
     assert "## Summary: recall@10 and NDCG@10 per query set" in md and "glosses recall@10" in md
+    assert f"--queries {qfile}" in data["command"]
     res = invoke("eval", "--dir", str(workdir), "--method", "knn", "--split", "none", "--queries", str(qfile),
                  "--samples", "20", "--latency", "0")  # fmt: skip
     assert res.exit_code == 0 and "glosses: 10 queries" in res.output

@@ -46,9 +46,11 @@ def _command(ctx: typer.Context) -> str:
     parts = ["headwise", "memory", ctx.info_name or ""]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if value is None:
+        if value is None or (isinstance(value, list | tuple) and not value):
             continue
-        if param.param_type_name == "argument":
+        if isinstance(value, list | tuple):  # a repeatable option: the flag once per value
+            parts += [x for v in value for x in (param.opts[0], shlex.quote(str(v)))]
+        elif param.param_type_name == "argument":
             parts.append(shlex.quote(str(value)))
         elif getattr(param, "is_flag", False) and isinstance(value, bool):  # --x / --no-x
             flag = param.opts[0] if value else next(iter(param.secondary_opts), None)

@@ -69,6 +69,44 @@ def _print_set(title: str, results: list[MethodResult], comparisons: dict) -> No
         console.print(ct)
 
 
+def _head_metrics(models: Path, names: list[str], docs: np.ndarray, queries: np.ndarray, limit: int = 2000) -> dict:
+    """Retrieval-head metrics of every multi-head read-out among ``names`` on the first ``limit`` queries."""
+    from headwise.memory.enhancer import QueryEnhancer, load_enhancer
+    from headwise.memory.evaluate import exact_search
+    from headwise.memory.gate import GatedEnhancer
+    from headwise.memory.heads import retrieval_head_metrics
+
+    out = {}
+    q = np.ascontiguousarray(queries[:limit], dtype=np.float32)
+    for name in names:
+        if name == "knn":
+            continue
+        model = load_enhancer(models / name)
+        inner = model.inner if isinstance(model, GatedEnhancer) else model
+        if not isinstance(inner, QueryEnhancer) or inner.mechanism != "multi-head":
+            continue
+        scores, ids = exact_search(docs, inner.first_pass_queries(q), inner.candidates)
+        out[name] = retrieval_head_metrics(inner, q, docs[ids], scores)
+    return out
+
+
+def head_metrics_markdown(sets: dict[str, dict]) -> str:
+    """One row per (query set, method): head means of the retrieval-head metrics and the diversity."""
+    cols = ["entropy", "normalized_entropy", "gini", "sparsity", "max_weight", "top_rank"]
+    head = ["query set", "method", *cols, "mean JS", "mean cosine"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for set_name, data in sets.items():
+        for method, m in data.get("head_metrics", {}).items():
+            means = [np.mean([h[c] for h in m["heads"]]) for c in cols]
+            div = m["diversity"]
+            lines.append(
+                f"| {set_name} | {method} | "
+                + " | ".join(f"{x:.3f}" for x in means)
+                + f" | {div.get('mean_js', float('nan')):.3f} | {div.get('mean_cosine', float('nan')):.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(sets: dict[str, dict]) -> str:
     """Methods x query sets: recall@10 and NDCG@10, and each method's paired difference to knn."""
     names = list(sets)
@@ -112,6 +150,9 @@ def evaluate(
     ablate: Annotated[
         bool, typer.Option(help="also evaluate each attention enhancer's adapter alone (its read-out switched off)")
     ] = False,
+    head_metrics: Annotated[
+        bool, typer.Option(help="per-head entropy, Gini, sparsity and diversity of each multi-head read-out")
+    ] = False,
 ) -> None:
     """Recall@1/10/100, MRR@10, NDCG@10 with bootstrap 95% CIs (exact search), per query set; latency."""
     from headwise.memory.transfer import read_query_file
@@ -151,6 +192,9 @@ def evaluate(
                 "results": {r.name: r.metrics for r in results},
                 "comparisons": _comparisons(results, samples, seed),
             }
+    if head_metrics:
+        for set_name, (emb, _) in query_sets.items():
+            sets[set_name]["head_metrics"] = _head_metrics(models or dir / "models", names, docs, emb)
     for set_name, results in all_results.items():
         _print_set(f"{set_name}: {sets[set_name]['queries']:,} queries, {len(docs):,} documents", results,
                    sets[set_name]["comparisons"])  # fmt: skip
@@ -163,6 +207,8 @@ def evaluate(
         console.print(latency_table(timing))
     if len(sets) > 1:
         console.print(summary_markdown(sets))
+    if head_metrics:
+        console.print(head_metrics_markdown(sets))
     if out is not None:
         _write(out, ctx, manifest, sets, all_results, timing, len(docs))
 
@@ -172,6 +218,9 @@ def _write(out: Path, ctx: typer.Context, manifest: dict, sets: dict, all_result
     parts = []
     if len(sets) > 1:
         parts += ["## Summary: recall@10 and NDCG@10 per query set", "", summary_markdown(sets)]
+    if any("head_metrics" in v for v in sets.values()):
+        parts += ["## Retrieval heads: the read-out's attention over its candidates (means over heads)", "",
+                  head_metrics_markdown(sets)]  # fmt: skip
     for set_name, results in all_results.items():
         comps = sets[set_name]["comparisons"]
         notes = [f"{k}: {v['diff'][0]:+.4f} [{v['diff'][1]:+.4f}, {v['diff'][2]:+.4f}], {100 * v['relative']:+.1f}%"
