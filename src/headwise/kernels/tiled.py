@@ -316,8 +316,7 @@ def _tiled_forward(plan: TiledPlan, q: Tensor, k: Tensor, v: Tensor, need_stats:
     blocks = _Blocks(plan, q.device)
     q5 = _scaled_queries(plan, q).view(B, Hkv, G, L, E)
     v3 = v.view(B * Hkv, -1, Ev)
-    limit = _BOUNDED_LOGIT_LIMIT.get(q5.dtype) if plan.score is None else None
-    unshifted = unshifted_rows(plan, q5, k, blocks, limit)
+    unshifted = unshifted_rows(plan, q5, k, blocks, _BOUNDED_LOGIT_LIMIT.get(q5.dtype))
     out = q.new_zeros(B, Hkv, G, L, Ev)
     lse = q.new_full((B, Hkv, G, L), float("-inf"))
     entropy = q.new_zeros(B, Hkv, G, L) if need_stats else None

@@ -41,7 +41,7 @@ def _tile_pieces(width: int, partial: tuple[tuple[int, int], ...]) -> list[tuple
 
 
 def unshifted_rows(plan: TiledPlan, q5: Tensor, k: Tensor, blocks: _Blocks, limit: float | None) -> list[str | Tensor]:
-    """Per query block, which rows have every allowed logit within +-_BOUNDED_LOGIT_LIMIT.
+    """Per query block, which rows have every allowed logit within +-``limit`` (None: no row may).
 
     By Cauchy-Schwarz, |s_ij| <= |q_i| max_j |k_j| (q already scaled), the max taken per
     row over the keys that row may attend and nothing else. Such a row takes p = exp(s)
@@ -51,7 +51,7 @@ def unshifted_rows(plan: TiledPlan, q5: Tensor, k: Tensor, blocks: _Blocks, limi
     rounding of its output (issue 24). Returns per query block "all", "none", or the
     (B*Hkv, G*n, 1) bool rows of a mixed block. Inputs of large norm (and NaN/Inf in an
     allowed key, whose bound is not finite) take the online-max path; so do scores, which
-    change the logits after the dot product.
+    change the logits after the dot product (checked here, so callers pass the dtype's limit).
     """
     nq, bq, L = len(plan.spans), plan.block_q, plan.L
     if plan.score is not None or limit is None or k.shape[2] == 0 or q5.numel() == 0:

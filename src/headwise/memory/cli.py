@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,18 +90,28 @@ def _dataset_from(source: str | dict, limit: int | None) -> RetrievalDataset:
     return load_dataset(source, limit=limit)
 
 
-def _pseudo_training_set(ds: RetrievalDataset, n: int, seed: int) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
-    """(query embeddings, relevance, train indices, validation indices) of n + n // 10 corpus pseudo-queries.
+def _pseudo_training_set(
+    ds: RetrievalDataset,
+    n: int,
+    seed: int,
+    *,
+    n_val: int | None = None,
+    exclude: Sequence[int] = (),
+    option: str = "--self-supervised",
+) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
+    """(query embeddings, relevance, train indices, validation indices) of corpus pseudo-queries.
 
-    No labelled query is used (see headwise.memory.gate.pseudo_queries).
+    ``n`` for training plus ``n_val`` (default n // 10, at least 1) for validation, never
+    drawn from the documents in ``exclude``; no labelled query is used (see
+    headwise.memory.gate.pseudo_queries).
     """
     from headwise.memory.datasets import embed
     from headwise.memory.gate import pseudo_queries
 
-    n_val = max(1, n // 10)
-    pairs = pseudo_queries(ds.documents, n + n_val, seed=seed)
+    n_val = max(1, n // 10) if n_val is None else n_val
+    pairs = pseudo_queries(ds.documents, n + n_val, seed=seed, exclude=exclude)
     if len(pairs) < 2:
-        raise bad_argument("--self-supervised", "a corpus with documents of at least 4 words", len(pairs))
+        raise bad_argument(option, "a corpus with documents of at least 4 words", len(pairs))
     emb = embed([t for t, _ in pairs], description=f"{ds.name}: pseudo-queries")
     n_tr = max(1, len(pairs) - n_val)
     return emb, [{d: 1} for _, d in pairs], np.arange(n_tr), np.arange(n_tr, len(pairs))

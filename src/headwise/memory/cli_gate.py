@@ -19,7 +19,7 @@ from rich.table import Table
 
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
-from headwise.memory.cli import _command, _fail, _load, console, memory_app
+from headwise.memory.cli import _command, _fail, _load, _pseudo_training_set, console, memory_app
 
 
 @memory_app.command("gate")
@@ -52,9 +52,8 @@ def gate(
     name: Annotated[str | None, typer.Option(help="model folder to write (default INNER-gated)")] = None,
 ) -> None:
     """Train a gate that scales the enhancer's move per query, on labelled and corpus pseudo-queries."""
-    from headwise.memory.datasets import embed
     from headwise.memory.enhancer import load_enhancer
-    from headwise.memory.gate import GateConfig, GateData, GatedEnhancer, pseudo_queries, train_gate
+    from headwise.memory.gate import GateConfig, GateData, GatedEnhancer, train_gate
 
     t0 = time.perf_counter()
     try:
@@ -70,10 +69,10 @@ def gate(
             raise bad_argument("--anchors", f"0 .. half the training queries ({len(ds.split['train']) // 2})", anchors)
         held = {d for part in ("validation", "test") for i in ds.split[part] for d in ds.relevant[i]}
         n_val = pseudo_validation
-        pairs = pseudo_queries(ds.documents, pseudo + n_val, seed=seed, exclude=sorted(held))
-        if len(pairs) < n_val + 1:
-            raise bad_argument("--pseudo", f"a corpus with more than {n_val} usable documents", len(pairs))
-        pseudo_emb = embed([t for t, _ in pairs], description=f"{manifest['name']}: pseudo-queries")
+        pseudo_emb, pseudo_rel, _, _ = _pseudo_training_set(ds, pseudo, seed, n_val=n_val, exclude=sorted(held),
+                                                             option="--pseudo")  # fmt: skip
+        if len(pseudo_rel) < n_val + 1:
+            raise bad_argument("--pseudo", f"a corpus with more than {n_val} usable documents", len(pseudo_rel))
     except HeadwiseError as exc:
         _fail(exc)
     tr, va = ds.split["train"], ds.split["validation"]
@@ -81,10 +80,10 @@ def gate(
         held_out = np.random.default_rng(seed).permutation(len(tr))
         gated.set_anchors(queries[tr[np.sort(held_out[:anchors])]])
         tr = tr[np.sort(held_out[anchors:])]
-    n_tr = len(pairs) - n_val
+    n_tr = len(pseudo_rel) - n_val
     all_q = np.concatenate([queries[tr], queries[va], pseudo_emb])
-    relevant = [ds.relevant[i] for i in tr] + [ds.relevant[i] for i in va] + [{d: 1} for _, d in pairs]
-    style = np.concatenate([np.zeros(len(tr) + len(va)), np.ones(len(pairs))])
+    relevant = [ds.relevant[i] for i in tr] + [ds.relevant[i] for i in va] + pseudo_rel
+    style = np.concatenate([np.zeros(len(tr) + len(va)), np.ones(len(pseudo_rel))])
     train_idx = np.concatenate([np.arange(len(tr)), len(tr) + len(va) + np.arange(n_tr)])
     val_idx = np.concatenate([len(tr) + np.arange(len(va)), len(tr) + len(va) + n_tr + np.arange(n_val)])
     with console.status("first pass and inner enhancer over every training query"):

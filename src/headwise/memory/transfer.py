@@ -36,7 +36,7 @@ import io
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class QueryFile:
     queries: list[str]
     relevant: list[dict[int, int]]
     path: str
+    splits: list[str | None] = field(default_factory=list)  # each line's "split" field, if any
 
 
 def definition_opening(text: str, min_chars: int = 60, max_chars: int = 300) -> str:
@@ -153,41 +154,55 @@ def write_query_file(path: Path | str, rows: Sequence[dict]) -> str:
     return hashlib.sha256(text).hexdigest()
 
 
-def read_query_file(path: Path | str, doc_ids: Sequence[str], *, name: str | None = None) -> QueryFile:
-    """Queries and relevance (as indices into ``doc_ids``) from a JSONL(.gz) query file.
+def jsonl_rows(path: Path | str, what: str):
+    """(line number, parsed object) of each non-blank line of a JSONL(.gz) file.
 
-    Every line must be an object with a non-empty ``query`` string and ``relevant``: a
-    non-empty list of doc ids (grade 1 each) or an object {doc id: grade > 0}. An unknown
-    doc id, a malformed line or an empty file is a :class:`HeadwiseError` naming the line.
+    A missing or unreadable file is a HeadwiseError naming ``what`` (the option it came
+    from); a line that is not a JSON object is one naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
-        raise bad_argument("--queries", "an existing JSONL(.gz) query file", str(path))
-    index = {d: i for i, d in enumerate(doc_ids)}
+        raise bad_argument(what, "an existing JSONL or JSONL.gz file", str(path))
     opener = gzip.open if path.suffix == ".gz" else open
-    queries, relevant = [], []
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
             for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                where = f"{path.name} line {number}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise bad_argument(where, "a JSON object", f"invalid JSON ({exc.msg})") from None
-                queries.append(_query_text(row, where))
-                relevant.append(_relevance(row, where, index))
+                    got = f"invalid JSON ({exc.msg})"
+                    raise bad_argument(f"{path.name} line {number}", "a JSON object", got) from None
+                if not isinstance(row, dict):
+                    raise bad_argument(f"{path.name} line {number}", "a JSON object", type(row).__name__)
+                yield number, row
     except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise bad_argument("--queries", "a readable UTF-8 JSONL file, optionally gzipped", f"{path}: {exc}") from None
+        raise bad_argument(what, "a readable UTF-8 JSONL file, optionally gzipped", f"{path}: {exc}") from None
+
+
+def read_query_file(path: Path | str, doc_ids: Sequence[str], *, name: str | None = None) -> QueryFile:
+    """Queries and relevance (as indices into ``doc_ids``) from a JSONL(.gz) query file.
+
+    Every line must be an object with a non-empty ``query`` string and ``relevant``: a
+    non-empty list of doc ids (grade 1 each) or an object {doc id: grade > 0}; an optional
+    ``split`` field is kept as given. An unknown doc id, a malformed line or an empty file
+    is a :class:`HeadwiseError` naming the line.
+    """
+    path = Path(path)
+    index = {d: i for i, d in enumerate(doc_ids)}
+    queries, relevant, splits = [], [], []
+    for number, row in jsonl_rows(path, "--queries"):
+        where = f"{path.name} line {number}"
+        queries.append(_query_text(row, where))
+        relevant.append(_relevance(row, where, index))
+        splits.append(row.get("split"))
     if not queries:
         raise bad_argument("--queries", "at least one query", f"none in {path}")
-    return QueryFile(name or path.name.split(".")[0], queries, relevant, str(path))
+    return QueryFile(name or path.name.split(".")[0], queries, relevant, str(path), splits)
 
 
-def _query_text(row: object, where: str) -> str:
-    if not isinstance(row, dict):
-        raise bad_argument(where, "a JSON object", type(row).__name__)
+def _query_text(row: dict, where: str) -> str:
     text = row.get("query")
     if not isinstance(text, str) or not text.strip():
         raise bad_argument(f"{where}: query", "a non-empty string", repr(text))

@@ -19,8 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +26,14 @@ import numpy as np
 
 from headwise.errors import bad_argument
 from headwise.memory.datasets import SPLIT_SEED, SPLITS, RetrievalDataset, split_indices
-
-
-def _lines(path: Path, what: str):
-    """(line number, parsed object) of a JSONL(.gz) file; errors name the file and line."""
-    if not path.is_file():
-        raise bad_argument(what, "an existing JSONL or JSONL.gz file", str(path))
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    got = f"invalid JSON ({exc.msg})"
-                    raise bad_argument(f"{path.name} line {number}", "a JSON object", got) from None
-                if not isinstance(row, dict):
-                    raise bad_argument(f"{path.name} line {number}", "a JSON object", type(row).__name__)
-                yield number, row
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise bad_argument(what, "a readable UTF-8 JSONL file, optionally gzipped", f"{path}: {exc}") from None
+from headwise.memory.transfer import jsonl_rows, read_query_file
 
 
 def read_corpus(path: Path | str) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """(ids as strings, texts, metadata dicts) of a corpus file (see the module docstring)."""
     path = Path(path)
     ids, texts, metadata, seen = [], [], [], {}
-    for number, row in _lines(path, "--corpus"):
+    for number, row in jsonl_rows(path, "--corpus"):
         where = f"{path.name} line {number}"
         doc_id, text, meta = row.get("id"), row.get("text"), row.get("metadata", {})
         if isinstance(doc_id, bool) or not isinstance(doc_id, str | int) or str(doc_id) == "":
@@ -86,8 +63,6 @@ def user_dataset(
     validation: float = 0.1,
 ) -> RetrievalDataset:
     """The corpus and its labelled queries as a dataset, split by the file's ``split`` field or at random."""
-    from headwise.memory.transfer import read_query_file
-
     if not (0 <= test < 1 and 0 <= validation < 1 and test + validation < 1):
         raise bad_argument("test, validation", "fractions in [0, 1) summing to less than 1", (test, validation))
     ids, texts, _ = read_corpus(corpus)
@@ -95,7 +70,7 @@ def user_dataset(
     if queries is None:
         return RetrievalDataset(name, texts, [], [], split_indices(0, test=0, validation=0), ids)
     qf = read_query_file(queries, ids)
-    given = [row.get("split") for _, row in _lines(Path(queries), "--queries")]
+    given = qf.splits
     if any(s is not None for s in given):
         bad = [i + 1 for i, s in enumerate(given) if s not in SPLITS]
         if bad:
