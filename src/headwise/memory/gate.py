@@ -289,14 +289,14 @@ class GateConfig:
 @torch.no_grad()
 def _recall_by_style(gated: GatedEnhancer, data: GateData, docs: Tensor, idx: np.ndarray) -> dict[int, float]:
     """Recall@10 of the gated queries ``idx``, averaged within each style."""
+    from headwise.memory.evaluate import per_query_metrics
+
     gated.eval()
     hits = np.zeros(len(idx))
     for s in range(0, len(idx), 1024):
         b = torch.from_numpy(idx[s : s + 1024])
-        top = (gated.mix(*data.take(b)) @ docs.T).topk(10, dim=1).indices.tolist()
-        for j, (row, qi) in enumerate(zip(top, b.tolist())):
-            rel = data.relevant[qi]
-            hits[s + j] = sum(1 for d in row if d in rel) / len(rel)
+        top = (gated.mix(*data.take(b)) @ docs.T).topk(10, dim=1).indices.numpy()
+        hits[s : s + len(b)] = per_query_metrics(top, [data.relevant[qi] for qi in b.tolist()])["recall@10"]
     styles = data.style[torch.from_numpy(idx)].numpy()
     return {int(k): float(hits[styles == k].mean()) for k in np.unique(styles)}
 
