@@ -7,6 +7,7 @@ import pytest
 
 from headwise import HeadwiseError
 from headwise.memory import VectorMemory
+from headwise.memory.architecture import EnhancerConfig
 from headwise.memory.enhancer import QueryEnhancer
 from headwise.memory.fit import FitConfig, fit_enhancer, load_saved_enhancer, save_enhancer
 
@@ -26,7 +27,7 @@ def test_fit_improves_recall_and_round_trips(tmp_path):
     mem, ids, queries = _memory_and_queries(tmp_path)
     relevant = [[int(i)] for i in ids[:200]]
     cfg = FitConfig(method="multi-head", steps=60, multi_head_steps=20, batch_size=32, eval_every=20,
-                    candidates=8, heads=4, lr=1e-2)  # fmt: skip
+                    enhancer=EnhancerConfig(candidates=8, heads=4), lr=1e-2)  # fmt: skip
     enh, hist = fit_enhancer(mem, queries, relevant, cfg, progress=False)
     assert isinstance(enh, QueryEnhancer) and set(hist) == {"linear", "multi-head"}
     assert hist["linear"].best_recall > hist["linear"].records[0]["val_recall@10"]

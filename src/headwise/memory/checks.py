@@ -23,12 +23,24 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
 
 
 def normalise_rows(x: np.ndarray, name: str) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = norms[:, 0] == 0
-    if zero.any():
-        raise bad_argument(
-            name, "non-zero vectors for metric 'cosine'", f"zero rows {np.flatnonzero(zero)[:10].tolist()}"
-        )
+    """Rows of ``x`` (n, d) scaled to unit L2 norm, float32; a HeadwiseError names all-zero rows.
+
+    Overflow-safe: a row whose float32 norm overflows (components near 1e38) or underflows
+    (components near 1e-30, whose squares flush to 0) is first divided by its largest magnitude.
+    """
+    with np.errstate(over="ignore", under="ignore"):  # those rows are handled below
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+    awkward = ~((norms > 1e-18) & (norms < 1e18))[:, 0]
+    if awkward.any():
+        rows = x[awkward].astype(np.float64)
+        peak = np.abs(rows).max(axis=1, keepdims=True)
+        zero = np.flatnonzero(awkward)[peak[:, 0] == 0]
+        if len(zero):
+            raise bad_argument(name, "non-zero vectors for metric 'cosine'", f"zero rows {zero[:10].tolist()}")
+        rows /= peak
+        x = x.astype(np.float32, copy=True)
+        x[awkward] = rows
+        norms[awkward] = np.linalg.norm(rows, axis=1, keepdims=True)
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
@@ -68,3 +80,21 @@ def check_texts(texts: Sequence[str | None] | None, n: int) -> list[str | None]:
         if t is not None and not isinstance(t, str):
             raise bad_argument(f"texts[{i}]", "a str or None", type(t).__name__)
     return list(texts)
+
+
+def check_vectors(vectors: Any, name: str, dim: int, metric: str) -> np.ndarray:
+    """``vectors`` (n, d) or (d,) as a C-contiguous float32 (n, d) array, finite, L2-normalised for "cosine"."""
+    try:
+        x = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise bad_argument(name, "a float array (n, d)", f"{type(vectors).__name__} ({exc})") from exc
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise bad_argument(name, f"shape (n, {dim}) or ({dim},)", f"shape {np.shape(vectors)}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise bad_argument(name, "finite values", f"NaN or Inf in rows {np.flatnonzero(bad)[:10].tolist()}")
+    if metric == "cosine":
+        return normalise_rows(x, name)
+    return np.ascontiguousarray(x)

@@ -21,12 +21,11 @@ import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from headwise.errors import HeadwiseError, bad_argument
@@ -62,7 +61,8 @@ def _command(ctx: typer.Context) -> str:
 
 
 def _fail(exc: HeadwiseError) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    """One line on stderr and exit status 2 (never wrapped: scripts grep it)."""
+    typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
     raise typer.Exit(2)
 
 
@@ -192,128 +192,6 @@ def build(
         f"{len(ds.documents):,}", f"{len(ds):,}", f"{sp['train']:,}", f"{sp['validation']:,}", f"{sp['test']:,}",
         str(docs.shape[1]), f"{time.perf_counter() - t0:.1f}",
     )  # fmt: skip
-    console.print(table)
-
-
-@memory_app.command()
-def train(
-    ctx: typer.Context,
-    dir: Annotated[Path, typer.Option(help="working directory made by 'build'")],
-    method: Annotated[str, typer.Option(help="comma-separated: linear, multi-head, hyperbolic, moe, flash")] = (
-        "linear,multi-head"
-    ),
-    steps: Annotated[int, typer.Option(help="maximum optimizer steps (early stopping on validation)")] = 1500,
-    batch_size: Annotated[int, typer.Option()] = 256,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    temperature: Annotated[float, typer.Option()] = 0.05,
-    hard_weight: Annotated[float, typer.Option(help="weight of the mined hard-negative InfoNCE term")] = 0.5,
-    candidates: Annotated[int, typer.Option(help="K first-pass candidates of the attention stage")] = 32,
-    heads: Annotated[int, typer.Option()] = 8,
-    eval_every: Annotated[int, typer.Option()] = 100,
-    patience: Annotated[int, typer.Option()] = 4,
-    seed: Annotated[int, typer.Option()] = 0,
-    adapter_from: Annotated[
-        str | None,
-        typer.Option(
-            help="a trained linear model in DIR/models (e.g. linear): the attention enhancers start from its "
-            "adapter, frozen, and take their first-pass candidates from the adapted query"
-        ),
-    ] = None,
-    first_pass: Annotated[
-        str, typer.Option(help="with --adapter-from: candidates from the 'adapted' (default) or the 'raw' query")
-    ] = "adapted",
-    train_adapter: Annotated[
-        bool, typer.Option(help="with --adapter-from: keep training the copied adapter instead of freezing it")
-    ] = False,
-    dropout: Annotated[float, typer.Option(help="dropout on the candidate tokens while training")] = 0.0,
-    self_supervised: Annotated[
-        int,
-        typer.Option(
-            help="train on N pseudo-queries cut from the corpus (a span of a document as its query) instead of "
-            "the labelled queries, validating on N/10 more; 0: off"
-        ),
-    ] = 0,
-    name: Annotated[str | None, typer.Option(help="model folder to write (default: the method's name)")] = None,
-) -> None:
-    """Train enhancers with InfoNCE over the whole corpus plus kNN-mined hard negatives; save the best."""
-    from headwise.memory.enhancer import LinearAdapter, load_enhancer
-    from headwise.memory.train import TrainConfig, TrainData, make_model
-    from headwise.memory.train import train as run_training
-
-    try:
-        names = [m for m in _methods(method) if m != "knn"]
-        if name is not None and len(names) != 1:
-            raise bad_argument("--name", "one --method with it", names)
-        manifest, ds, docs, queries = _load(dir)
-        relevant, train_idx, val_idx = ds.relevant, ds.split["train"], ds.split["validation"]
-        if self_supervised < 0:
-            raise bad_argument("--self-supervised", "an integer >= 0", self_supervised)
-        if self_supervised:
-            queries, relevant, train_idx, val_idx = _pseudo_training_set(ds, self_supervised, seed)
-        cfg = TrainConfig(
-            steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, hard_weight=hard_weight,
-            eval_every=eval_every, patience=patience, seed=seed,
-        )  # fmt: skip
-        adapter = None
-        if first_pass not in ("raw", "adapted"):
-            raise bad_argument("--first-pass", "'raw' or 'adapted'", repr(first_pass))
-        if adapter_from is None and (first_pass != "adapted" or train_adapter):
-            raise bad_argument("--first-pass, --train-adapter", "--adapter-from as well", "no --adapter-from")
-        if adapter_from is not None:
-            if adapter_from in names:
-                raise bad_argument("--adapter-from", "a model trained before this command", repr(adapter_from))
-            found = dir / "models" / adapter_from
-            adapter = load_enhancer(found) if (found / "enhancer.json").is_file() else None
-            if not isinstance(adapter, LinearAdapter):
-                got = type(adapter).__name__ if adapter is not None else f"no model in {found}"
-                raise bad_argument("--adapter-from", "the name of a trained linear adapter in DIR/models", got)
-        datasets: dict[str, TrainData] = {}
-
-        def data_for(model: Any) -> TrainData:
-            first = getattr(model, "first_pass", "raw")
-            if first not in datasets:
-                fq = model.first_pass_queries(queries) if first != "raw" else None
-                with console.status(f"mining {first} first-pass candidates and hard negatives (exact kNN)"):
-                    datasets[first] = TrainData.build(
-                        docs, queries, relevant, train_idx, val_idx, k=candidates,
-                        hard_negatives=cfg.hard_negatives, first_queries=fq,
-                    )  # fmt: skip
-            return datasets[first]
-    except HeadwiseError as exc:
-        _fail(exc)
-    what = "corpus pseudo-queries" if self_supervised else "queries"
-    table = Table(title=f"trained on {manifest['name']}: {len(train_idx):,} {what}")
-    if adapter is not None:
-        how = "trained further" if train_adapter else "frozen"
-        table.caption = f"* on top of {adapter_from!r}'s adapter ({how}), candidates from the {first_pass} query"
-    for col in ("method", "val R@10 before", "best val R@10", "best step", "steps run", "seconds"):
-        table.add_column(col, justify="right")
-    for method_name in names:
-        attention = method_name != "linear" and adapter is not None
-        model = make_model(method_name, docs.shape[1], heads=heads, candidates=candidates, seed=seed, dropout=dropout,
-                           first_pass=first_pass if attention else "raw")  # fmt: skip
-        if attention:
-            model.adopt_adapter(adapter, freeze=not train_adapter)
-        data = data_for(model)
-        t0 = time.perf_counter()
-        cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-        with Progress(*cols, console=console, transient=True) as bar:
-            task = bar.add_task(f"training {method_name}", total=steps, info="")
-
-            def report(step: int, entry: dict, bar: Progress = bar, task: int = task) -> None:
-                bar.update(task, completed=step, info=f"val R@10 {entry['val_recall@10']:.4f}")
-
-            hist = run_training(model, data, cfg, progress=report)
-        where = dir / "models" / (name or method_name)
-        model.save(where)
-        history = {"records": hist.records, "best_step": hist.best_step, "config": hist.config,
-                   "seconds": time.perf_counter() - t0, "command": _command(ctx)}  # fmt: skip
-        write_atomic(where / "history.json", json.dumps(history, indent=2))
-        table.add_row(
-            (name or method_name) + ("*" if attention else ""), f"{hist.records[0]['val_recall@10']:.4f}",
-            f"{hist.best_recall:.4f}", str(hist.best_step),
-            str(hist.records[-1]["step"]), f"{history['seconds']:.0f}",
-        )  # fmt: skip
     console.print(table)
 
 
@@ -522,5 +400,5 @@ def bench(
         console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
-# Registered on memory_app by import: eval and transfer-sets live in their own module.
-from headwise.memory import cli_eval, cli_gate  # noqa: E402, F401
+# Registered on memory_app by import: train, eval, gate and transfer-sets live in their own modules.
+from headwise.memory import cli_eval, cli_gate, cli_train  # noqa: E402, F401

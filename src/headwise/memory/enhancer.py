@@ -257,9 +257,18 @@ class QueryEnhancer(_Enhancer):
     Args:
         dim: embedding dimension d.
         mechanism: "multi-head", "hyperbolic", "moe" or "flash".
-        heads: attention heads (MoE: experts x heads_per_expert = heads, 4 experts).
+        heads: attention heads per layer (MoE: experts x heads_per_expert = heads).
         candidates: K, the first-pass neighbours the store hands to :meth:`refine` (flash: 1, unused).
-        dropout: dropout on candidate tokens while training.
+        dropout: dropout on candidate tokens (and inside the feed-forward blocks) while training.
+        layers: attention layers. "multi-head": the query attends its candidates ``layers``
+            times (cross attention, the candidate tokens fixed); "hyperbolic" / "moe": self
+            attention over [query; candidates], residual between layers. The read-out ``o`` is
+            the sum of every layer's update of the query position.
+        hidden: width of a pre-norm feed-forward block after each attention layer (0: none).
+            Only layers=1, hidden=0 folds into the fast serving plan; the others run torch.
+        experts, experts_per_token, capacity_factor, aux_weight: MoE options (experts default:
+            4 when they divide heads, else 1; aux_weight scales the load-balancing loss in training).
+        curvature, clip: hyperbolic options (the initial, learned, curvature and the tangent clip).
         first_pass: what the store's first pass searches with (:meth:`first_pass_queries`):
             "raw", the query itself, or "adapted", ``normalize(q + A q + a)`` with this
             enhancer's adapter. With "adapted" the adapter is meant to be trained first (a
@@ -276,6 +285,14 @@ class QueryEnhancer(_Enhancer):
         candidates: int = 32,
         dropout: float = 0.0,
         first_pass: str = "raw",
+        layers: int = 1,
+        hidden: int = 0,
+        experts: int | None = None,
+        experts_per_token: int = 1,
+        capacity_factor: float = 1.25,
+        aux_weight: float = 0.01,
+        curvature: float = 1.0,
+        clip: float = 4.0,
     ):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -295,6 +312,11 @@ class QueryEnhancer(_Enhancer):
             raise bad_argument("first_pass", f"one of {allowed} for mechanism {mechanism!r}", repr(first_pass))
         self.dim, self.mechanism, self.heads, self.candidates, self.dropout = dim, mechanism, heads, candidates, dropout
         self.first_pass = first_pass
+        self.options = _mechanism_options(
+            mechanism, heads, layers=layers, hidden=hidden, experts=experts, experts_per_token=experts_per_token,
+            capacity_factor=capacity_factor, aux_weight=aux_weight, curvature=curvature, clip=clip,
+        )  # fmt: skip
+        self.layers, self.hidden, self.aux_weight = layers, hidden, aux_weight
         self.uses_candidates = mechanism != "flash"
         self.adapter = nn.Linear(dim, dim)
         self.mix = nn.Linear(dim, dim)
@@ -313,13 +335,30 @@ class QueryEnhancer(_Enhancer):
         self.score_feat = nn.Linear(2, dim)
         nn.init.normal_(self.score_feat.weight, std=0.02)
         nn.init.zeros_(self.score_feat.bias)
-        if mechanism == "multi-head":
-            self.attn: nn.Module = MultiHeadAttention(dim, heads)
-        elif mechanism == "hyperbolic":
-            self.attn = HyperbolicAttention(dim, heads, curvature=1.0, learn_curvature=True)
-        else:
-            experts = 4 if heads % 4 == 0 else 1
-            self.attn = MoEAttention(dim, num_experts=experts, heads_per_expert=heads // experts, experts_per_token=1)
+        # Layer 1 keeps the name ``attn`` (and layers=1, hidden=0 adds no parameter): weights
+        # saved before layers existed load unchanged.
+        self.attn: nn.Module = self._attention_layer()
+        self.more_attn = nn.ModuleList(self._attention_layer() for _ in range(layers - 1))
+        self.ffn = nn.ModuleList(FeedForward(dim, hidden, dropout) for _ in range(layers if hidden else 0))
+
+    def _attention_layer(self) -> nn.Module:
+        dim, heads, opt = self.dim, self.heads, self.options
+        if self.mechanism == "multi-head":
+            return MultiHeadAttention(dim, heads)
+        if self.mechanism == "hyperbolic":
+            return HyperbolicAttention(dim, heads, curvature=opt["curvature"], learn_curvature=True, clip=opt["clip"])
+        experts = opt["experts"]
+        return MoEAttention(
+            dim,
+            num_experts=experts,
+            heads_per_expert=heads // experts,
+            experts_per_token=opt["experts_per_token"],
+            capacity_factor=opt["capacity_factor"],
+        )
+
+    def attention_layers(self) -> list[nn.Module]:
+        """The attention modules, layer 1 first (empty for "flash")."""
+        return [] if self.mechanism == "flash" else [self.attn, *self.more_attn]
 
     def config(self) -> dict[str, Any]:
         return {
@@ -329,6 +368,7 @@ class QueryEnhancer(_Enhancer):
             "candidates": self.candidates,
             "dropout": self.dropout,
             "first_pass": self.first_pass,
+            **self.options,
         }
 
     def first_pass_queries(self, queries: Any) -> np.ndarray:
@@ -371,15 +411,18 @@ class QueryEnhancer(_Enhancer):
         return linear.eval()
 
     def _has_plan(self) -> bool:
-        return self.mechanism == "multi-head"
+        # The folded plan is one cross-attention layer without a feed-forward block.
+        return self.mechanism == "multi-head" and self.layers == 1 and not self.hidden
 
     def _fold(self) -> MultiHeadPlan:
         return MultiHeadPlan.from_enhancer(self)  # serving_plan calls it only when _has_plan()
 
     @property
     def aux_loss(self) -> Tensor:
-        """The MoE load-balancing loss of the last forward (0 for other mechanisms)."""
-        return self.attn.aux_loss if self.mechanism == "moe" else torch.zeros(())
+        """The MoE load-balancing loss of the last forward, summed over layers (0 for other mechanisms)."""
+        if self.mechanism != "moe":
+            return torch.zeros(())
+        return sum((m.aux_loss for m in self.more_attn), self.attn.aux_loss)
 
     def bind(self, memory: Any) -> QueryEnhancer:
         """Set the (N, d) stored vectors that the "flash" read-out attends over. Returns self."""
@@ -412,16 +455,73 @@ class QueryEnhancer(_Enhancer):
         if cand is None or scores is None:
             raise bad_argument("cand_vectors", f"(n, K, {self.dim}) candidates for {self.mechanism!r}", None)
         tok = self.tokens(cand, scores)
-        if self.mechanism == "multi-head":
-            if not torch.is_grad_enabled():  # serving: the same read-out, tokens never projected
-                return self.attn.folded_cross_attention(qa, tok)
-            return self.attn(qa.unsqueeze(1), tok, tok).out[:, 0]
-        return self.attn(torch.cat([qa.unsqueeze(1), tok], dim=1))[:, 0]
+        # o is the sum of every layer's update of the query position; with one layer and no
+        # feed-forward block it is exactly that layer's output (0 + a is a, bitwise).
+        o: Tensor | None = None
+        if self.mechanism == "multi-head":  # cross attention: the candidate tokens stay fixed
+            h = qa
+            for i, attn in enumerate(self.attention_layers()):
+                if not torch.is_grad_enabled():  # serving: the same read-out, tokens never projected
+                    a = attn.folded_cross_attention(h, tok)
+                else:
+                    a = attn(h.unsqueeze(1), tok, tok).out[:, 0]
+                o = a if o is None else o + a
+                if self.ffn:
+                    o = o + self.ffn[i](qa + o)
+                h = qa + o
+            return o
+        x = torch.cat([qa.unsqueeze(1), tok], dim=1)  # self attention over [query; candidates]
+        for i, attn in enumerate(self.attention_layers()):
+            y = attn(x)
+            o, x = (y[:, 0] if o is None else o + y[:, 0]), x + y
+            if self.ffn:
+                f = self.ffn[i](x)
+                o, x = o + f[:, 0], x + f
+        return o
 
     def forward(self, q: Tensor, cand: Tensor | None = None, scores: Tensor | None = None) -> Tensor:
         """q (n, d), cand (n, K, d), scores (n, K) -> refined queries (n, d), L2-normalised."""
         qa = q + self.adapter(q)
         return F.normalize(qa + self.mix(self.readout(qa, cand, scores)), dim=-1)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm feed-forward update ``W2 dropout(gelu(W1 LayerNorm(x)))`` (d -> hidden -> d), x (..., d)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.dropout(F.gelu(self.up(self.norm(x))), self.dropout, self.training))
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_argument(name, "an integer >= 1", repr(value))
+    return value
+
+
+def _mechanism_options(mechanism: str, heads: int, **opt: Any) -> dict[str, Any]:
+    """The checked layer and mechanism options (MoE experts default: 4 when they divide heads, else 1)."""
+    _positive_int(opt["layers"], "layers")
+    if isinstance(opt["hidden"], bool) or not isinstance(opt["hidden"], int) or opt["hidden"] < 0:
+        raise bad_argument("hidden", "an integer >= 0 (0: no feed-forward block)", repr(opt["hidden"]))
+    if mechanism == "flash" and (opt["layers"] != 1 or opt["hidden"]):
+        raise bad_argument("layers, hidden", "1 and 0 for mechanism 'flash'", (opt["layers"], opt["hidden"]))
+    if opt["experts"] is None:
+        opt["experts"] = 4 if heads % 4 == 0 else 1
+    if _positive_int(opt["experts"], "experts") and heads % opt["experts"]:
+        raise bad_argument("experts", f"a divisor of heads ({heads})", opt["experts"])
+    if not 1 <= _positive_int(opt["experts_per_token"], "experts_per_token") <= opt["experts"]:
+        raise bad_argument("experts_per_token", f"at most experts ({opt['experts']})", opt["experts_per_token"])
+    for name in ("capacity_factor", "curvature", "clip"):
+        if not isinstance(opt[name], int | float) or not 0 < opt[name] < float("inf"):
+            raise bad_argument(name, "a finite number > 0", repr(opt[name]))
+    if not isinstance(opt["aux_weight"], int | float) or not 0 <= opt["aux_weight"] < float("inf"):
+        raise bad_argument("aux_weight", "a finite number >= 0", repr(opt["aux_weight"]))
+    return opt
 
 
 def _from_config(cfg: dict) -> _Enhancer:

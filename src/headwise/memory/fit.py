@@ -26,13 +26,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from headwise.errors import bad_argument
+from headwise.memory.architecture import EnhancerConfig
 from headwise.memory.enhancer import LinearAdapter, QueryEnhancer, load_enhancer
 
 ENHANCER_DIR = "enhancer"
@@ -47,8 +48,8 @@ class FitConfig:
     multi_head_steps: int = 800
     lr: float = 2e-3
     batch_size: int = 256
-    candidates: int = 32
-    heads: int = 8
+    #: the attention stage of method "multi-head" (its first pass is always "raw": the adapter is trained with it)
+    enhancer: EnhancerConfig = field(default_factory=EnhancerConfig)
     eval_every: int = 100
     patience: int = 3
     validation: float = 0.1  # share of the queries held out for early stopping
@@ -85,6 +86,8 @@ def fit_enhancer(
     cfg = config or FitConfig()
     if cfg.method not in ("linear", "multi-head"):
         raise bad_argument("config.method", "'linear' or 'multi-head'", repr(cfg.method))
+    if not isinstance(cfg.enhancer, EnhancerConfig) or cfg.enhancer.mechanism == "flash":
+        raise bad_argument("config.enhancer", "an EnhancerConfig with a candidate mechanism", cfg.enhancer)
     if not 0 < cfg.validation < 1:
         raise bad_argument("config.validation", "a share in (0, 1)", cfg.validation)
     if getattr(memory, "metric", None) != "cosine":
@@ -102,7 +105,8 @@ def fit_enhancer(
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     if len(train_idx) == 0:
         raise bad_argument("queries", "more queries than the validation share takes", len(q))
-    data = TrainData.build(docs, q, rel, train_idx, val_idx, k=min(cfg.candidates, len(docs)))
+    arch = replace(cfg.enhancer, candidates=min(cfg.enhancer.candidates, len(docs)), first_pass="raw")
+    data = TrainData.build(docs, q, rel, train_idx, val_idx, k=arch.candidates)
 
     def run(model: Any, steps: int, label: str) -> Any:
         tc = TrainConfig(steps=steps, batch_size=min(cfg.batch_size, len(train_idx)), lr=cfg.lr,
@@ -119,8 +123,7 @@ def fit_enhancer(
     history = {"linear": run(linear, cfg.steps, "the linear adapter")}
     if cfg.method == "linear":
         return linear, history
-    enh = make_model("multi-head", memory.dim, heads=cfg.heads, candidates=min(cfg.candidates, len(docs)),
-                     seed=cfg.seed, first_pass="raw")  # fmt: skip
+    enh = arch.build(memory.dim, seed=cfg.seed)
     enh.adopt_adapter(linear, freeze=False)
     history["multi-head"] = run(enh, cfg.multi_head_steps, "the multi-head enhancer")
     return enh, history

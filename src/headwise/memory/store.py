@@ -56,7 +56,6 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +64,16 @@ import numpy as np
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.cache import ResultCache
-from headwise.memory.checks import as_ids, check_metadata, check_positive_int, check_texts, normalise_rows
+from headwise.memory.checks import (
+    as_ids,
+    check_metadata,
+    check_positive_int,
+    check_texts,
+    check_vectors,
+    normalise_rows,
+)
 from headwise.memory.encoder import TextEncoder
+from headwise.memory.feedback import check_relevant, insert_feedback, read_feedback
 from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
 from headwise.memory.layout import (
     DATABASE,
@@ -79,32 +86,13 @@ from headwise.memory.layout import (
     write_manifest,
 )
 from headwise.memory.metrics import MetricsCollector
+from headwise.memory.records import Feedback, Hit, Record
 from headwise.memory.storage import Storage
 
 #: Tombstone fraction of the slots above which delete() rebuilds the index in memory.
 COMPACT_AT = 0.25
 #: ... and above which save() rebuilds an HNSW index before writing it (flat: any tombstone).
 COMPACT_HNSW_ON_SAVE_AT = 0.10
-
-
-@dataclass(frozen=True)
-class Record:
-    """A stored record: id, vector (d,) float32, metadata (JSON value or None), text or None."""
-
-    id: int
-    vector: np.ndarray
-    metadata: Any
-    text: str | None
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result of :meth:`VectorMemory.search_text`."""
-
-    id: int
-    score: float
-    text: str | None
-    metadata: Any
 
 
 class VectorMemory:
@@ -388,6 +376,27 @@ class VectorMemory:
             self.enhancer = enhancer
             self.cache.clear()
 
+    # ------------------------------------------------------------------ feedback
+    def record_feedback(self, query: Any, relevant_ids: Any) -> int:
+        """Record that ``relevant_ids`` (ids, or {id: grade > 0}) answered ``query`` (str or (d,)); returns its id.
+
+        Committed to SQLite before it returns; see :mod:`headwise.memory.feedback`.
+        """
+        text = query if isinstance(query, str) else None
+        if text is not None:
+            query = self._require_encoder("record_feedback of a str").encode([text])
+        with self._lock:
+            q = self._check_vectors(query, "query")
+            if len(q) != 1:
+                raise bad_argument("query", f"one query (a str or a ({self.dim},) vector)", f"{len(q)} rows")
+            relevant = check_relevant(relevant_ids, self._db.existing)
+            return insert_feedback(self._db.conn, q[0], text, relevant)
+
+    def feedback(self) -> list[Feedback]:
+        """Every (query, relevant ids) pair recorded with :meth:`record_feedback`, oldest first."""
+        with self._lock:
+            return read_feedback(self._db.conn, self.dim, str(self.path or "memory"))
+
     # ------------------------------------------------------------------ reads
     def search(self, queries: Any, k: int, *, enhance: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of ``queries`` (n, d) or (d,): scores (n, k) float32 and ids (n, k) int64, -inf/-1 padded.
@@ -558,20 +567,7 @@ class VectorMemory:
 
     # ------------------------------------------------------------------ validation
     def _check_vectors(self, vectors: Any, name: str) -> np.ndarray:
-        try:
-            x = np.asarray(vectors, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise bad_argument(name, "a float array (n, d)", f"{type(vectors).__name__} ({exc})") from exc
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise bad_argument(name, f"shape (n, {self.dim}) or ({self.dim},)", f"shape {np.shape(vectors)}")
-        bad = ~np.isfinite(x).all(axis=1)
-        if bad.any():
-            raise bad_argument(name, "finite values", f"NaN or Inf in rows {np.flatnonzero(bad)[:10].tolist()}")
-        if self.metric == "cosine":
-            return normalise_rows(x, name)
-        return np.ascontiguousarray(x)
+        return check_vectors(vectors, name, self.dim, self.metric)
 
     def _check_new_ids(self, ids: Any, n: int) -> np.ndarray:
         if ids is None:

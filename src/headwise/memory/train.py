@@ -57,7 +57,6 @@ class TrainConfig:
     eval_every: int = 100
     patience: int = 4  # evaluations without improvement before stopping
     seed: int = 0
-    aux_weight: float = 0.01  # MoE load-balancing loss
 
 
 @dataclass
@@ -213,7 +212,7 @@ def _train(
             hard_logits = torch.einsum("bd,bkd->bk", r, data.docs[group]) / cfg.temperature
             loss = loss + cfg.hard_weight * F.cross_entropy(hard_logits, torch.zeros_like(target))
         if isinstance(model, QueryEnhancer) and model.mechanism == "moe":
-            loss = loss + cfg.aux_weight * model.aux_loss
+            loss = loss + model.aux_weight * model.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,20 +236,19 @@ def _train(
     return hist
 
 
-def make_model(
-    name: str,
-    dim: int,
-    *,
-    heads: int = 8,
-    candidates: int = 32,
-    seed: int = 0,
-    first_pass: str = "raw",
-    dropout: float = 0.0,
-) -> torch.nn.Module:
-    """``"linear"`` or an enhancer mechanism name, initialised from ``seed``."""
+def make_model(name: str, dim: int, *, seed: int = 0, **options: Any) -> torch.nn.Module:
+    """``"linear"`` or an enhancer mechanism name, initialised from ``seed``.
+
+    ``options``: the other fields of :class:`~headwise.memory.architecture.EnhancerConfig`
+    (heads, hidden, layers, dropout, candidates, first_pass, MoE and hyperbolic options).
+    """
+    from headwise.memory.architecture import EnhancerConfig
+
     torch.manual_seed(seed)
     if name == "linear":
         return LinearAdapter(dim)
-    return QueryEnhancer(
-        dim, mechanism=name, heads=heads, candidates=candidates, first_pass=first_pass, dropout=dropout
-    )
+    try:
+        config = EnhancerConfig(mechanism=name, **options)
+    except TypeError as exc:
+        raise bad_argument("options", "fields of EnhancerConfig", sorted(options)) from exc
+    return config.build(dim)
