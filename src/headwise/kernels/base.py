@@ -22,11 +22,26 @@ class AttentionStats:
     """Per query row statistics of the attention distribution, each (B, Hq, L).
 
     ``entropy`` in nats; ``max_weight`` the largest weight of the row. A row that can
-    attend to nothing has entropy 0 and max weight 0.
+    attend to nothing has entropy 0 and max weight 0. Both are differentiable on every
+    backend that returns them, with finite gradients (0 for an empty row); the gradient of
+    ``max_weight`` at a tie is shared equally by the tied keys, as ``torch.amax``'s is.
     """
 
     entropy: Tensor
     max_weight: Tensor
+
+
+def row_entropy(weights: Tensor) -> Tensor:
+    """``-sum w log w`` over the last dim, with ``0 log 0 = 0`` and a finite gradient there.
+
+    ``xlogy(w, w)`` has the right value, but autograd differentiates it with respect to both
+    arguments and the second gives ``w / w = 0 / 0 = NaN`` at every masked key. Taking the
+    log of 1 where ``w = 0`` keeps the value (``0 * 0``) and makes that gradient 0, the limit
+    of the entropy's gradient with respect to the logits: ``-w (log w + H) -> 0`` as
+    ``w -> 0``. A NaN weight still gives a NaN entropy.
+    """
+    safe = torch.where(weights > 0, weights, 1.0)
+    return -(weights * torch.log(safe)).sum(dim=-1)
 
 
 @dataclass(frozen=True)

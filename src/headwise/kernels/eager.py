@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headwise.kernels.alloc import empty_large
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops, row_entropy
 from headwise.profiling import AV, MASK_SCORE, QK, SOFTMAX, scope
 
 _SECONDS_PER_FLOP = 1 / 150e9
@@ -206,7 +206,7 @@ def _eager_autograd(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionO
         lse = torch.where(empty, float("-inf"), m - torch.log(torch.where(empty, 1.0, w_max)))
     stats = None
     if req.need_stats:
-        entropy = -torch.special.xlogy(weights, weights).sum(dim=-1)
+        entropy = row_entropy(weights)  # not xlogy: its gradient is NaN at w = 0
         stats = AttentionStats(entropy=entropy.view(B, Hq, L), max_weight=w_max.view(B, Hq, L))
     w_in = weights.to(v.dtype)
     if req.dropout_p > 0:
@@ -255,7 +255,7 @@ def _eager_chunked(req: Request, q: Tensor, k: Tensor, v: Tensor) -> AttentionOu
         rows = (slice(bh0, bh1), slice(None), slice(q0, q0 + n))
         lse[rows] = lse_rows.view(nb, G, n)
         if req.need_stats:
-            entropy[rows] = -torch.special.xlogy(p4, p4).sum(dim=-1)
+            entropy[rows] = -torch.special.xlogy(p4, p4).sum(dim=-1)  # no autograd on this path
             max_w[rows] = top.view(nb, G, n)
         if per_head and (dst is None or p.data_ptr() != dst.data_ptr()):  # not computed in place
             weights.view(B * Hkv, G, L, S)[rows] = p4

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops, row_entropy
 from headwise.masks import grid_indices
 
 
@@ -48,7 +48,7 @@ def reference_attention(req: Request) -> AttentionOutput:
 
     stats = None
     if req.need_stats:
-        entropy = -torch.special.xlogy(weights, weights).sum(-1)
+        entropy = row_entropy(weights)  # not xlogy: its gradient is NaN at w = 0
         stats = AttentionStats(entropy=entropy, max_weight=weights.amax(-1))
 
     p = weights.to(v.dtype)

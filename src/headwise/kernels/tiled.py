@@ -18,7 +18,8 @@ the output when ``m`` changes. It is computed elementwise (a row dot product of 
 largest logit and loses the entropy of sharp rows.
 
 The backward pass (FlashAttention-2) recomputes each block's probabilities from the saved
-log-sum-exp instead of storing them: ``dS = P * (dP - rowsum(dO * O))``. Score
+log-sum-exp instead of storing them: ``dS = P * (dP - rowsum(dO * O))``, plus the closed-form
+gradients of the statistics when a loss uses them (kernels/tiled_stats.py). Score
 modifications are differentiated by running autograd on the recomputed block.
 
 GQA folds the G query heads that share a key/value head into the rows of one matmul, so
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from headwise.kernels.base import BOUNDED_LOGIT_LIMIT as _BOUNDED_LOGIT_LIMIT
 from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request
+from headwise.kernels.tiled_stats import StatsGrad
 from headwise.kernels.unshifted import ALL_ROWS, NO_ROWS, unshifted_rows
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
 from headwise.scores import Score
@@ -446,7 +448,7 @@ def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool, fixed: Tens
     return m_run, l_run, acc, ps, top
 
 
-def _tiled_backward(plan, q, k, v, out, lse, dout, params):
+def _tiled_backward(plan, q, k, v, out, lse, dout, params, stats: StatsGrad | None = None):
     B, Hq, Hkv, L, S, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.G
     E, Ev = q.shape[-1], v.shape[-1]
     blocks = _Blocks(plan, q.device)
@@ -468,6 +470,7 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
         lse_b = lse5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, 1)
         delta_b = delta5[:, :, :, qs : qs + n].reshape(B, Hkv, G * n, 1)
         dqb = torch.zeros_like(qb)
+        sg = stats.block(blocks, qb, k, qs, n, visits) if stats is not None else None
         for jk, partial in visits:
             ks = jk * plan.block_k
             ke = min(S, ks + plan.block_k)
@@ -477,12 +480,20 @@ def _tiled_backward(plan, q, k, v, out, lse, dout, params):
                 with torch.enable_grad():
                     qg, kg = qb.detach().requires_grad_(), kb.detach().requires_grad_()
                     s, keeps = blocks.logits(qg, kg, qs, ks, ranges)
-                p = blocks.probabilities(s.detach() - lse_b, keeps)
+                if sg is not None:
+                    sg.see(s.detach())
+                t = s.detach() - lse_b
+                p = blocks.probabilities(t, keeps)
             else:
                 s, keeps = blocks.logits(qb, kb, qs, ks, ranges, inplace=True)
-                p = blocks.probabilities(s.sub_(lse_b), keeps, out=s)
+                if sg is not None:
+                    sg.see(s)
+                t = s.sub_(lse_b)  # the statistics' gradients need t = log p after the exp
+                p = blocks.probabilities(t, keeps, out=s if sg is None else None)
             dv[:, :, ks:ke] += torch.matmul(p.transpose(-1, -2), dob)
             ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)
+            if sg is not None:
+                sg.add(ds, p, t)
             if generic:
                 grads = torch.autograd.grad(s, (qg, kg, *params), ds, allow_unused=True)
                 dqb += grads[0]
@@ -512,22 +523,27 @@ class _TiledFunction(torch.autograd.Function):
     def forward(ctx, plan: TiledPlan, need_stats: bool, q: Tensor, k: Tensor, v: Tensor, *params: Tensor):
         out, lse, entropy, max_w = _tiled_forward(plan, q, k, v, need_stats)
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse)
         empty = q.new_zeros(0)
         ent = empty if entropy is None else entropy.view(lse.shape)
         mw = empty if max_w is None else max_w.view(lse.shape)
-        ctx.mark_non_differentiable(lse, ent, mw)
+        ctx.save_for_backward(q, k, v, out, lse, ent, mw)
+        # The statistics are differentiable (kernels/tiled_stats.py); unused outputs get None,
+        # not zeros, so a loss without them costs the backward nothing extra.
+        ctx.mark_non_differentiable(lse, *(() if need_stats else (ent, mw)))
+        ctx.set_materialize_grads(False)
         return out, lse, ent, mw
 
     @staticmethod
-    def backward(ctx, dout, _dlse, _dent, _dmw):
-        q, k, v, out, lse = ctx.saved_tensors
+    def backward(ctx, dout, _dlse, dent, dmw):
+        q, k, v, out, lse, ent, mw = ctx.saved_tensors
         plan = ctx.plan
         params = ()
         if plan.score is not None and plan.score.parameters():
             params = tuple(p.detach().requires_grad_() for p in plan.score.parameters())
             plan = dataclasses.replace(plan, score=plan.score.with_parameters(params))
-        dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout.contiguous(), params)
+        stats = None if dent is None and dmw is None else StatsGrad(plan, ent, dent, mw, dmw)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # a loss of the stats alone
+        dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout, params, stats)
         return (None, None, dq, dk, dv, *dparams)
 
 
