@@ -107,3 +107,29 @@ def test_build_argument_errors(files, tmp_path):
     from headwise.memory.datasets import debian
 
     assert debian(plain).documents == ["d"]  # a plain (not gzipped) JSONL sample reads too
+
+
+def test_parquet_corpus_and_queries_read_like_jsonl(files, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    corpus, queries = files
+    rows = [{"id": f"a{i}", "text": f"the {a} is an animal; note {i}", "metadata": json.dumps({"n": i})}
+            for i, a in enumerate(ANIMALS)]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus.parquet")
+    qrows = [{"query": f"tell me about the {a}", "relevant": [f"a{i}"]} for i, a in enumerate(ANIMALS)]
+    pq.write_table(pa.Table.from_pylist(qrows), tmp_path / "queries.parquet")
+    a = user_dataset(corpus, queries, seed=3)
+    b = user_dataset(tmp_path / "corpus.parquet", tmp_path / "queries.parquet", seed=3)
+    assert (b.documents, b.doc_ids, b.relevant) == (a.documents, a.doc_ids, a.relevant)
+    assert read_corpus(tmp_path / "corpus.parquet")[2][4] == {"n": 4}  # JSON text decoded
+    graded = [{"query": "q", "relevant": json.dumps({"a1": 2})}]
+    pq.write_table(pa.Table.from_pylist(graded), tmp_path / "graded.parquet")
+    assert user_dataset(corpus, tmp_path / "graded.parquet").relevant == [{1: 2}]
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(HeadwiseError, match="a readable Parquet file"):
+        read_corpus(tmp_path / "broken.parquet")
+    bad = [{"id": "x", "text": ""}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(HeadwiseError, match="bad.parquet line 1: text"):
+        read_corpus(tmp_path / "bad.parquet")

@@ -139,7 +139,7 @@ def build(
         str | None, typer.Option(help="wordnet, debian, or a JSONL(.gz) file in the Debian sample format")
     ] = None,
     corpus: Annotated[
-        Path | None, typer.Option(help='your own corpus: JSONL(.gz) lines {"id", "text", "metadata"?}')
+        Path | None, typer.Option(help='your own corpus: JSONL(.gz) lines {"id", "text", "metadata"?} or Parquet')
     ] = None,
     queries: Annotated[
         Path | None, typer.Option(help='with --corpus: labelled queries, lines {"query", "relevant", "split"?}')

@@ -38,6 +38,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,14 +156,19 @@ def write_query_file(path: Path | str, rows: Sequence[dict]) -> str:
 
 
 def jsonl_rows(path: Path | str, what: str):
-    """(line number, parsed object) of each non-blank line of a JSONL(.gz) file.
+    """(line number, parsed object) of each non-blank line of a JSONL(.gz) file, or of each row of a Parquet file.
 
     A missing or unreadable file is a HeadwiseError naming ``what`` (the option it came
-    from); a line that is not a JSON object is one naming the file and line.
+    from); a line that is not a JSON object is one naming the file and line. A ``.parquet``
+    file (needs pyarrow: ``pip install 'headwise[parquet]'``) yields its rows as dicts, numbered
+    from 1 like lines; a column holding JSON text (metadata, relevance) is decoded by the reader.
     """
     path = Path(path)
     if not path.is_file():
-        raise bad_argument(what, "an existing JSONL or JSONL.gz file", str(path))
+        raise bad_argument(what, "an existing JSONL, JSONL.gz or Parquet file", str(path))
+    if path.suffix == ".parquet":
+        yield from enumerate(_parquet_rows(path, what), 1)
+        return
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
@@ -179,6 +185,28 @@ def jsonl_rows(path: Path | str, what: str):
                 yield number, row
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise bad_argument(what, "a readable UTF-8 JSONL file, optionally gzipped", f"{path}: {exc}") from None
+
+
+def _parquet_rows(path: Path, what: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise bad_argument(what, "pyarrow installed to read Parquet (pip install 'headwise[parquet]')",
+                           str(path)) from None  # fmt: skip
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise bad_argument(what, "a readable Parquet file", f"{path}: {exc}") from None
+
+
+def json_field(value: Any) -> Any:
+    """A field as given, or decoded when it is JSON text of an object or a list (Parquet columns of JSON)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
 
 
 def read_query_file(path: Path | str, doc_ids: Sequence[str], *, name: str | None = None) -> QueryFile:
@@ -210,7 +238,7 @@ def _query_text(row: dict, where: str) -> str:
 
 
 def _relevance(row: dict, where: str, index: dict[str, int]) -> dict[int, int]:
-    rel = row.get("relevant")
+    rel = json_field(row.get("relevant"))
     if isinstance(rel, list):
         rel = {str(d): 1 for d in rel}
     if not isinstance(rel, dict) or not rel:

@@ -1,11 +1,13 @@
 """A user's own corpus and queries as a :class:`RetrievalDataset`.
 
 Corpus: JSONL or JSONL.gz, one object per line ``{"id": str | int, "text": str, "metadata": {...}?}``
-(ids unique, texts non-empty). Queries (optional): the query-file format of
+(ids unique, texts non-empty), or Parquet with the same columns (needs pyarrow, the ``parquet``
+extra; ``metadata`` a struct column or JSON text). Queries (optional): the query-file format of
 :mod:`headwise.memory.transfer`, ``{"query": str, "relevant": [doc id, ...] or {doc id: grade},
-"split": "train" | "validation" | "test"?}``. Without a ``split`` field on every line, the queries
-are split at random with ``seed`` into ``validation`` and ``test`` fractions and the rest train;
-with one, the user's split is kept as given (all lines must then carry it).
+"split": "train" | "validation" | "test"?}``, also as Parquet (``relevant`` a list column or
+JSON text). Without a ``split`` field on every line, the queries are split at random with
+``seed`` into ``validation`` and ``test`` fractions and the rest train; with one, the user's
+split is kept as given (all lines must then carry it).
 
 Example:
     >>> import json, tempfile, pathlib
@@ -26,7 +28,7 @@ import numpy as np
 
 from headwise.errors import bad_argument
 from headwise.memory.datasets import SPLIT_SEED, SPLITS, RetrievalDataset, split_indices
-from headwise.memory.transfer import jsonl_rows, read_query_file
+from headwise.memory.transfer import json_field, jsonl_rows, read_query_file
 
 
 def read_corpus(path: Path | str) -> tuple[list[str], list[str], list[dict[str, Any]]]:
@@ -35,7 +37,7 @@ def read_corpus(path: Path | str) -> tuple[list[str], list[str], list[dict[str, 
     ids, texts, metadata, seen = [], [], [], {}
     for number, row in jsonl_rows(path, "--corpus"):
         where = f"{path.name} line {number}"
-        doc_id, text, meta = row.get("id"), row.get("text"), row.get("metadata", {})
+        doc_id, text, meta = row.get("id"), row.get("text"), json_field(row.get("metadata") or {})
         if isinstance(doc_id, bool) or not isinstance(doc_id, str | int) or str(doc_id) == "":
             raise bad_argument(f"{where}: id", "a non-empty string or an integer", repr(doc_id))
         if not isinstance(text, str) or not text.strip():
