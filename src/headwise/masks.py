@@ -4,7 +4,8 @@ A mask says which keys a query may attend to. It is a function of index tensors
 ``(b, h, q_idx, kv_idx) -> bool tensor`` (True = attend) that broadcasts like any
 elementwise torch expression, so one definition serves the readable reference (which
 evaluates it on the whole L x S grid), the tiled kernel (one block at a time) and
-FlexAttention.
+FlexAttention. Anything else it returns (a float or int tensor, a Python bool, a tensor of
+another shape) is refused with :class:`HeadwiseError` before any backend runs.
 
 Query positions are aligned bottom-right: when there are L queries and S keys, query
 ``i`` sits at key position ``i + S - L`` (as in FlashAttention and KV-cache decoding).
@@ -380,8 +381,50 @@ class _FunctionMask(Mask):
     def __call__(self, b, h, q, kv):
         return self.fn(b, h, q, kv)
 
+    def validate(self, B, H, L, S, device):
+        # Every backend reads the function's result differently (SDPA takes a float tensor
+        # for an additive bias, the tiled kernel ORs it with padding, ...), so it is checked
+        # here, before any backend runs: once per call, or once per problem size for a mask
+        # object that is reused (masks are immutable, see cache_key). One evaluation on a
+        # corner of the grid (every batch element and head, the last 2 queries, the first 2
+        # keys) shows the dtype and whether the result broadcasts like its index arguments,
+        # without a pass over L x S.
+        key = (B, H, L, S, str(device))
+        if getattr(self, "_checked", None) == key:
+            return
+        n, m = min(L, 2), min(S, 2)
+        b, h, qi, ki = grid_indices(B, H, n, m, device)
+        check_mask_output(self.evaluate(b, h, qi + (L - n), ki, L, S), (B, H, n, m), (B, H, L, S), device, self)
+        self._checked = key
+
     def __repr__(self) -> str:
         return getattr(self.fn, "__name__", "mask_fn")
+
+
+def check_mask_output(
+    result: object, grid: tuple[int, ...], full: tuple[int, ...], device: torch.device | str, mask: object
+) -> None:
+    """Raise :class:`HeadwiseError` unless ``result``, a mask function's output on index
+    tensors whose broadcast shape is ``grid`` (a corner of the ``full`` (B, H, L, S) grid),
+    is a bool tensor on ``device`` that broadcasts to ``grid``.
+
+    A float tensor is refused, not cast: SDPA would read it as an additive bias (0 and 1
+    added to the logits), which silently removes the mask.
+    """
+    want = (
+        f"the mask function {mask!r} to return a torch.bool tensor (True = attend) that broadcasts"
+        f" like its index arguments (B, H, L, S) = {full}"
+    )
+    if not isinstance(result, Tensor):
+        shown = repr(result) if result is None or isinstance(result, (bool, int, float)) else type(result).__name__
+        raise bad_argument("mask", want, f"{shown}, not a tensor")
+    if result.dtype != torch.bool:
+        raise bad_argument("mask", want, f"a {result.dtype} tensor")
+    shape = tuple(result.shape)
+    if len(shape) > len(grid) or any(n not in (1, g) for n, g in zip(reversed(shape), reversed(grid))):
+        raise bad_argument("mask", want, f"shape {shape} on index arguments that broadcast to {grid}")
+    if result.device != torch.device(device):
+        raise bad_argument("mask", want + f" on {device} (the device of q)", f"a tensor on {result.device}")
 
 
 class _TensorMask(Mask):

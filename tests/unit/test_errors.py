@@ -289,6 +289,77 @@ def test_bad_mask_inside_a_combination():
         attend(q, k, v, mask=causal & padding([9, 9]))
 
 
+# Mask functions returning the wrong thing (#19 item 7). A float tensor is the dangerous one:
+# SDPA read it as an additive bias, so the mask silently vanished.
+BAD_MASK_FUNCTIONS = {
+    "float_tensor": (lambda b, h, q, kv: (kv <= q).float(), "a torch.float32 tensor"),
+    "python_bool": (lambda b, h, q, kv: True, "True, not a tensor"),
+    "none": (lambda b, h, q, kv: None, "None, not a tensor"),
+    "int_tensor": (lambda b, h, q, kv: (kv <= q).int(), "a torch.int32 tensor"),
+    "wrong_shape": (lambda b, h, q, kv: torch.ones(3, dtype=torch.bool), "shape (3,)"),
+    "a_dense_L_x_S": (lambda b, h, q, kv: torch.ones(5, 6, dtype=torch.bool).tril(1), "shape (5, 6)"),
+    "numpy": (lambda b, h, q, kv: (kv <= q).numpy(), "ndarray, not a tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "eager", "tiled", "sdpa", "flex"])
+@pytest.mark.parametrize("case", list(BAD_MASK_FUNCTIONS))
+def test_mask_function_returning_the_wrong_thing_is_refused_on_every_backend(case, backend):
+    fn, got = BAD_MASK_FUNCTIONS[case]
+    q, k, v = qkv()
+    for mask in (fn, causal & fn):  # alone, and inside a combination
+        with raises("mask") as info:
+            attend(q, k, v, mask=mask, backend=backend)
+        assert "torch.bool tensor" in str(info.value) and got in str(info.value)
+
+
+def test_float_mask_function_no_longer_becomes_an_sdpa_bias():
+    """The float version of causal used to give SDPA outputs 0.86 away from causal ones."""
+    q, k, v = qkv()
+    want = attend(q, k, v, mask=causal, backend="sdpa").out
+    with raises("mask"):
+        attend(q, k, v, mask=lambda b, h, qi, kv: (kv <= qi).float(), backend="sdpa")
+    got = attend(q, k, v, mask=lambda b, h, qi, kv: kv <= qi, backend="sdpa").out
+    torch.testing.assert_close(got, want)
+
+
+def test_mask_function_is_checked_once_per_call_and_once_for_a_reused_mask():
+    """One probe on a 2 x 2 corner of the grid per call (not per block); a Mask object that is
+    reused for the same problem size is not probed again."""
+    from headwise.masks import as_mask
+
+    grids = []
+
+    def fn(b, h, qi, kv):
+        grids.append(tuple(torch.broadcast_shapes(b.shape, h.shape, qi.shape, kv.shape)))
+        return kv <= qi
+
+    q, k, v = qkv(L=40, S=40)
+    attend(q, k, v, mask=fn, backend="reference")
+    assert grids == [(2, 4, 2, 2), (2, 4, 40, 40)]  # the probe, then the reference's own evaluation
+    mask = as_mask(fn)
+    attend(q, k, v, mask=mask, backend="reference")
+    grids.clear()
+    attend(q, k, v, mask=mask, backend="reference")
+    assert grids == [(2, 4, 40, 40)]
+    grids.clear()
+    attend(*qkv(L=7, S=9), mask=mask, backend="reference")  # another size: probed again
+    assert grids[0] == (2, 4, 2, 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "eager", "tiled", "sdpa"])
+def test_mask_functions_of_any_broadcastable_shape_are_accepted(backend):
+    """Scalars, (S,)-broadcasting and full-grid results are all valid mask outputs."""
+    q, k, v = qkv()
+    for fn in (
+        lambda b, h, qi, kv: torch.tensor(True),
+        lambda b, h, qi, kv: kv < 4,
+        lambda b, h, qi, kv: (kv <= qi) & (b >= 0) & (h >= 0),
+    ):
+        out = attend(q, k, v, mask=fn, backend=backend).out
+        assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("score", [3, "alibi", object()], ids=["int", "str", "object"])
 def test_bad_score(score):
     q, k, v = qkv()

@@ -59,6 +59,9 @@ def _dense_mask(req: Request) -> tuple[Tensor, Tensor | None]:
         return hit
     b, h, qi, ki = grid_indices(B, Hq, L, S, req.q.device)
     allowed = req.mask.evaluate(b, h, qi, ki, L, S)
+    # A mask function may return fewer dims than its index arguments (a scalar, or (S,) from
+    # kv alone): SDPA wants a 4-d (or 2-d) mask, so lift it without copying.
+    allowed = allowed.view((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
     empty_rows = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty_rows.any()):
         allowed = allowed | (empty_rows & (ki == 0))
