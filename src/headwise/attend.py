@@ -11,6 +11,7 @@ from torch import Tensor
 
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.kernels.base import AttentionOutput, Request
+from headwise.kernels.budget import guard_weights
 from headwise.kernels.registry import run
 from headwise.masks import Mask, MaskFn, as_mask
 from headwise.scores import Score, ScoreFn, as_score
@@ -56,6 +57,8 @@ def attend(
         need_weights: True also returns the (B, Hq, L, S) weights (materialises them);
             "mean" returns their average over the heads, (B, L, S), reduced chunk by chunk
             so the per-head weights never exist at once (torch's ``average_attn_weights``).
+            Weights that would not fit in the memory available raise :class:`HeadwiseError`
+            before anything is allocated (see :mod:`headwise.kernels.budget`).
         need_stats: also return per-row entropy and max weight, computed while streaming.
         backend: "auto" (the backend estimated fastest; a recurring forward-only call is
             measured on its close contenders and then runs the fastest, see
@@ -146,7 +149,12 @@ def make_request(q, k, v, mask, score, scale, dropout_p, need_weights, need_stat
         scale = score_obj.default_scale(E) if score_obj is not None else 1.0 / math.sqrt(E)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise bad_argument("scale", "a finite number > 0", repr(scale))
-    return Request(q, k, v, mask_obj, score_obj, float(scale), float(dropout_p), need_weights, need_stats)
+    req = Request(q, k, v, mask_obj, score_obj, float(scale), float(dropout_p), need_weights, need_stats)
+    if need_weights:
+        # Every backend that serves need_weights holds the L x S weights at once: refuse what
+        # cannot fit with a message instead of a bare ENOMEM or the OOM killer (kernels/budget.py).
+        guard_weights((B, Hq, L, S), q.dtype, q.device, need_weights, req.needs_grad)
+    return req
 
 
 __all__ = ["attend", "make_request", "AttentionOutput", "HeadwiseError"]
