@@ -16,6 +16,18 @@ import numpy as np
 
 from headwise.errors import bad_argument
 
+#: Ids live in [0, MAX_ID): SQLite's signed 64-bit keys, one value kept free so next_id never overflows.
+MAX_ID = 2**63 - 1
+#: The largest k a search accepts: results are padded to k, so k bounds their memory (n x k x 12 bytes).
+MAX_K = 16_384
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an int in [1, MAX_K]; a HeadwiseError otherwise (bool, float, too large)."""
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise bad_argument("k", f"an int in [1, {MAX_K}] (enumerate a store with ids() and get())", repr(k))
+    return int(k)
+
 
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
@@ -54,6 +66,10 @@ def as_ids(ids: Any, name: str) -> np.ndarray:
         raise bad_argument(name, "a 1-d sequence of ints", f"dtype {arr.dtype}, shape {arr.shape}")
     if (arr < 0).any():
         raise bad_argument(name, "ids >= 0 (-1 marks a missing result)", f"{arr[arr < 0][:10].tolist()}")
+    # SQLite keys are signed 64-bit: a uint64 id >= 2**63 would wrap to a negative number.
+    too_big = arr >= np.uint64(MAX_ID) if arr.dtype.kind == "u" else arr >= MAX_ID
+    if too_big.any():
+        raise bad_argument(name, f"ids in [0, 2**63 - 1) (below {MAX_ID})", f"{arr[too_big][:10].tolist()}")
     return arr.astype(np.int64)
 
 

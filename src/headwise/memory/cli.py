@@ -222,12 +222,14 @@ def search(
     text: Annotated[str, typer.Argument(help="the query")],
     dir: Annotated[Path, typer.Option(help="working directory made by 'build'")],
     method: Annotated[str, typer.Option(help="knn or a trained method")] = "multi-head",
-    k: Annotated[int, typer.Option(min=1)] = 5,
+    k: Annotated[int, typer.Option(help="results per method (at most the corpus size are shown)")] = 5,
 ) -> None:
     """Search the corpus for TEXT with cosine kNN and with METHOD, side by side."""
+    from headwise.memory.checks import check_k
     from headwise.memory.datasets import embed
 
     try:
+        k = check_k(k)
         names = list(dict.fromkeys(["knn", *_methods(method)]))
         manifest, ds, docs, _ = _load(dir)
         retrievers = _retrievers(dir / "models", names, docs)
@@ -235,7 +237,7 @@ def search(
     except HeadwiseError as exc:
         _fail(exc)
     for name, retrieve in retrievers.items():
-        ids = retrieve(q, k)[0]
+        ids = retrieve(q, min(k, len(docs)))[0]  # real documents only, never padding
         table = Table(title=f"{name}: {text!r}")
         for col in ("rank", "score", "document"):
             table.add_column(col, justify="right" if col != "document" else "left")

@@ -91,6 +91,13 @@ def train(
             "the labelled queries, validating on N/10 more; 0: off"
         ),
     ] = 0,
+    pseudo_mix: Annotated[
+        int,
+        typer.Option(
+            help="add N corpus pseudo-queries to the labelled training queries (and N/10 to validation), never "
+            "drawn from the targets of validation or test queries: a mixture of query styles; 0: off"
+        ),
+    ] = 0,
     name: Annotated[str | None, typer.Option(help="model folder to write (default: the method's name)")] = None,
     from_feedback: Annotated[
         Path | None,
@@ -132,8 +139,12 @@ def train(
         relevant, train_idx, val_idx = ds.relevant, ds.split["train"], ds.split["validation"]
         if self_supervised < 0:
             raise bad_argument("--self-supervised", "an integer >= 0", self_supervised)
+        if pseudo_mix < 0 or (pseudo_mix and self_supervised):
+            raise bad_argument("--pseudo-mix", "an integer >= 0, without --self-supervised", pseudo_mix)
         if self_supervised:
             queries, relevant, train_idx, val_idx = _pseudo_training_set(ds, self_supervised, seed)
+        if pseudo_mix:
+            queries, relevant, train_idx, val_idx = _mixed_training_set(ds, queries, pseudo_mix, seed)
         cfg = TrainConfig(
             steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, hard_weight=hard_weight,
             eval_every=eval_every, patience=patience, seed=seed,
@@ -165,7 +176,7 @@ def train(
             return datasets[first]
     except HeadwiseError as exc:
         _fail(exc)
-    what = "corpus pseudo-queries" if self_supervised else "queries"
+    what = "corpus pseudo-queries" if self_supervised else "labelled and pseudo-queries" if pseudo_mix else "queries"
     table = Table(title=f"trained on {manifest['name']}: {len(train_idx):,} {what}")
     if adapter is not None:
         how = "trained further" if train_adapter else "frozen"
@@ -253,3 +264,18 @@ def _train_from_feedback(ctx: typer.Context, store: Path, fit: Any) -> None:
     table.caption = (f"{footprint_note(fit.method, enhancer)}\n{seconds:.0f} s; load it with "
                      "headwise.memory.fit.load_saved_enhancer(memory)")  # fmt: skip
     console.print(table)
+
+
+def _mixed_training_set(ds: Any, queries: Any, n: int, seed: int) -> tuple[Any, list, Any, Any]:
+    """Labelled train + ``n`` pseudo-queries, labelled validation + n // 10 pseudo-queries (queries, relevance,
+    train indices, validation indices); no pseudo-query targets a validation or test query's document."""
+    import numpy as np
+
+    held = sorted({d for part in ("validation", "test") for i in ds.split[part] for d in ds.relevant[i]})
+    emb, rel, p_tr, p_va = _pseudo_training_set(ds, n, seed, exclude=held, option="--pseudo-mix")
+    tr, va = ds.split["train"], ds.split["validation"]
+    all_q = np.concatenate([queries[tr], emb[p_tr], queries[va], emb[p_va]])
+    relevant = [ds.relevant[i] for i in tr] + [rel[i] for i in p_tr] + [ds.relevant[i] for i in va]
+    relevant += [rel[i] for i in p_va]
+    n_train = len(tr) + len(p_tr)
+    return all_q, relevant, np.arange(n_train), np.arange(n_train, len(all_q))

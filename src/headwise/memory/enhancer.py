@@ -52,6 +52,7 @@ from torch.nn import functional as F
 
 from headwise.attend import attend
 from headwise.errors import HeadwiseError, bad_argument
+from headwise.memory.checks import MAX_K
 from headwise.memory.serving import LinearPlan, MultiHeadPlan
 from headwise.modules import HyperbolicAttention, MoEAttention, MultiHeadAttention
 
@@ -303,8 +304,8 @@ class QueryEnhancer(_Enhancer):
             raise bad_argument("heads", f"a positive divisor of dim ({dim})", repr(heads))
         if mechanism == "flash":
             candidates = 1
-        elif isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise bad_argument("candidates", "an integer >= 1", repr(candidates))
+        elif isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_K:
+            raise bad_argument("candidates", f"an integer in [1, {MAX_K}]", repr(candidates))
         if not 0 <= dropout < 1:
             raise bad_argument("dropout", "a number in [0, 1)", repr(dropout))
         if first_pass not in FIRST_PASSES or (first_pass != "raw" and mechanism == "flash"):

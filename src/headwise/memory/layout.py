@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,32 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise HeadwiseError(f"{file}: expected format {FORMAT!r}, got {got!r}")
     if manifest.get("version") != FORMAT_VERSION:
         raise HeadwiseError(f"{file}: expected format version {FORMAT_VERSION}, got {manifest.get('version')!r}")
+    _check_index_entry(manifest.get("index"), file)
     return manifest
+
+
+#: The only names save() writes: a plain file name inside the store, never a path.
+_INDEX_NAMES = {"file": re.compile(r"index-[0-9a-f]{16}\.faiss"), "slots_file": re.compile(r"slots-[0-9a-f]{16}\.npy")}
+
+
+def _check_index_entry(entry: Any, file: Path) -> None:
+    """The manifest's ``index`` is None or names two index files of this store, with checksums and counts.
+
+    Checked before anything reads or deletes a file the manifest names: a damaged or hostile
+    manifest (``"file": "/etc/passwd"`` or ``"../x"``) is refused, never followed.
+    """
+    if entry is None:
+        return
+    if not isinstance(entry, dict):
+        raise HeadwiseError(f"{file}: expected 'index' to be an object or null, got {type(entry).__name__}")
+    for key, pattern in _INDEX_NAMES.items():
+        name = entry.get(key)
+        if not isinstance(name, str) or not pattern.fullmatch(name):
+            raise HeadwiseError(f"{file}: expected index.{key} to be a file name like {pattern.pattern}, got {name!r}")
+    for key in ("sha256", "slots_sha256"):
+        digest = entry.get(key)
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise HeadwiseError(f"{file}: expected index.{key} to be a sha256 hex digest, got {digest!r}")
 
 
 def create_on_disk(directory: Path, config: dict[str, str]) -> Storage:

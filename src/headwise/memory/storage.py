@@ -129,6 +129,11 @@ class Storage:
     def next_ids(self, n: int) -> np.ndarray:
         """``n`` fresh ids above every id ever used (not reserved: the insert commits them)."""
         start = int(self.config()["next_id"])
+        if start + n > 2**63 - 1:  # ids live in [0, 2**63 - 1): see checks.MAX_ID
+            raise HeadwiseError(
+                f"ids: expected {n} free automatic ids, got {2**63 - 1 - start} left below 2**63 - 1 "
+                "(pass explicit ids that are not stored yet)"
+            )
         return np.arange(start, start + n, dtype=np.int64)
 
     # ------------------------------------------------------------------ writes

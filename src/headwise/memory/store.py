@@ -66,6 +66,7 @@ from headwise.fileio import write_atomic
 from headwise.memory.cache import ResultCache
 from headwise.memory.checks import (
     as_ids,
+    check_k,
     check_metadata,
     check_positive_int,
     check_texts,
@@ -463,9 +464,7 @@ class VectorMemory:
     # ------------------------------------------------------------------ search internals
     def _search(self, queries: Any, k: int, enhance: bool | None, op: str) -> tuple[np.ndarray, np.ndarray]:
         start = time.perf_counter()
-        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k <= 0:
-            raise bad_argument("k", "an int > 0", repr(k))
-        k = int(k)
+        k = check_k(k)
         with self._lock:
             use = self._use_enhancer(enhance)
             q = self._check_vectors(queries, "queries")
@@ -494,6 +493,13 @@ class VectorMemory:
 
     def _search_rows(self, q: np.ndarray, k: int, use_enhancer: bool) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids (n, k) of checked queries, by the enhanced two-pass search or one pass."""
+        # faiss works with at most the live count (its heaps and HNSW beams grow with k); the
+        # result is padded to k (bounded by MAX_K) like faiss's own.
+        k_eff = max(1, min(k, self._index.n_live))
+        if k_eff < k:
+            scores, ids = self._search_rows(q, k_eff, use_enhancer)
+            pad = ((0, 0), (0, k - k_eff))
+            return np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
         if not use_enhancer:
             return self._index.search(q, k)[:2]
         refined, first = self._second_pass_inputs(q)
