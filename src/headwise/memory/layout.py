@@ -26,7 +26,7 @@ import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import fsync_dir, write_atomic
-from headwise.memory.index import SlotIndex
+from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
 from headwise.memory.storage import Storage
 
 FORMAT = "headwise.memory"
@@ -140,3 +140,44 @@ def reconcile(slot_index: SlotIndex, storage: Storage) -> None:
         dim = slot_index.dim
         m_seqs, m_ids, vecs = storage.vectors_by_seq(None if len(missing) == len(seqs) else missing, dim)
         slot_index.add(m_seqs, m_ids, vecs)
+
+
+def open_store(directory: Path, *, read_only: bool, rebuild: bool, attempts: int = 3) -> tuple[Storage, SlotIndex]:
+    """The database and the index reconciled with it, for a writer (who holds the lock) or a reader.
+
+    A writer removes leftovers first. A reader starts a snapshot (every later read sees that
+    committed state, see :meth:`Storage.begin_snapshot`) and, since a writer's ``save()`` may
+    replace the index files between the reader's reading the manifest and the files, reads the
+    manifest again up to ``attempts`` times; the reconciliation then makes the index match the
+    snapshot whatever saved index it started from.
+    """
+    manifest = read_manifest(directory)
+    storage = Storage.open(directory / DATABASE, read_only=read_only)
+    try:
+        cfg = storage.config()
+        dim, metric, kind = int(cfg["dim"]), cfg["metric"], cfg["index"]
+        hnsw = {k: int(cfg[k]) for k in ("hnsw_m", "ef_construction", "ef_search")}
+        if metric not in METRICS or kind not in INDEX_KINDS:
+            raise HeadwiseError(f"database {directory / DATABASE}: unknown metric {metric!r} or index {kind!r}")
+        if read_only:
+            storage.begin_snapshot()
+        else:
+            remove_leftovers(directory, manifest)
+        slot_index = None
+        for attempt in range(attempts if read_only else 1):
+            if manifest.get("index") is None:
+                break
+            try:
+                slot_index = load_index(directory, manifest["index"], dim, metric, kind, hnsw, rebuild)
+                break
+            except HeadwiseError:
+                if attempt + 1 >= (attempts if read_only else 1):
+                    raise
+                manifest = read_manifest(directory)  # a save() replaced the files: read its manifest
+        if slot_index is None:
+            slot_index = SlotIndex(dim, metric, kind, **hnsw)
+        reconcile(slot_index, storage)
+    except BaseException:
+        storage.close()
+        raise
+    return storage, slot_index

@@ -87,12 +87,16 @@ class Storage:
         return cls(conn, path)
 
     @classmethod
-    def open(cls, path: Path) -> Storage:
-        """Open an existing database, refusing files of other programs and damaged files."""
+    def open(cls, path: Path, *, read_only: bool = False) -> Storage:
+        """Open an existing database, refusing files of other programs and damaged files.
+
+        ``read_only``: a connection that cannot write (SQLite ``mode=ro``); see :meth:`begin_snapshot`.
+        """
         if not path.is_file():
             raise HeadwiseError(f"database: expected a file at {path}, got none")
+        mode = "ro" if read_only else "rw"
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None, check_same_thread=False)
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
@@ -106,8 +110,9 @@ class Storage:
             conn.close()
             raise HeadwiseError(f"database {path}: expected schema version {SCHEMA_VERSION}, got {version}")
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            if not read_only:  # setting the journal mode is a write; a reader finds WAL already set
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
             # quick_check reads every page: a truncated or overwritten file is caught here,
             # not at the first query that happens to touch the damaged page.
             problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
@@ -192,9 +197,22 @@ class Storage:
         return np.asarray(seqs, dtype=np.int64)
 
     def checkpoint(self) -> None:
-        """Move the WAL into the main file and truncate it (keeps the -wal file small)."""
+        """Copy the WAL into the main file as far as readers allow (keeps the -wal file small).
+
+        PASSIVE: a reader holding a snapshot is never waited for (TRUNCATE would block the
+        writer on the busy timeout); SQLite rewinds the WAL once no reader needs it.
+        """
         if self.path is not None:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def begin_snapshot(self) -> None:
+        """Start a read transaction: every read until :meth:`end_snapshot` sees one committed state (WAL)."""
+        self.conn.execute("BEGIN")
+        self.conn.execute("SELECT COUNT(*) FROM config").fetchone()  # a read pins the snapshot
+
+    def end_snapshot(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT")
 
     # ------------------------------------------------------------------ reads
     def count(self) -> int:

@@ -20,7 +20,14 @@ manifest names complete, checksummed files. ``open()`` verifies the checksums, l
 index and reconciles it with SQLite by ``seq`` (records added since the save are added,
 deleted ones become tombstones), so records acknowledged after the last save are never lost;
 without a saved index it rebuilds from SQLite. Leftover temporary and unreferenced files are
-removed on open. One writer process at a time.
+removed on open by a writer.
+
+Sharing. One writer at a time, any number of readers, as in SQLite and LMDB: a writable store
+holds an OS lock on ``writer.lock`` until ``close()`` (a second writer waits ``lock_timeout``
+seconds, then gets a HeadwiseError naming the holder's pid; the OS drops the lock of a killed
+process). ``VectorMemory.open(path, read_only=True)`` takes no lock and reads one committed
+snapshot (a SQLite read transaction) until ``refresh()`` moves it to the latest commit: its
+``search`` and ``get`` always agree. Readers never delete a file.
 
 Delete on HNSW: faiss's HNSW cannot remove vectors, so deleted slots are tombstones filtered
 inside the faiss search (an ID selector of the live slots); the index is rebuilt without them
@@ -66,28 +73,19 @@ from headwise.fileio import write_atomic
 from headwise.memory.cache import ResultCache
 from headwise.memory.checks import (
     as_ids,
-    check_k,
     check_metadata,
     check_positive_int,
     check_texts,
     check_vectors,
-    normalise_rows,
 )
 from headwise.memory.encoder import TextEncoder
 from headwise.memory.feedback import check_relevant, insert_feedback, read_feedback
 from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
-from headwise.memory.layout import (
-    DATABASE,
-    create_on_disk,
-    load_index,
-    read_manifest,
-    reconcile,
-    remove_leftovers,
-    sha256,
-    write_manifest,
-)
+from headwise.memory.layout import create_on_disk, open_store, read_manifest, reconcile, sha256, write_manifest
+from headwise.memory.locking import WriterLock
 from headwise.memory.metrics import MetricsCollector
 from headwise.memory.records import Feedback, Hit, Record
+from headwise.memory.searching import SearchPasses
 from headwise.memory.storage import Storage
 
 #: Tombstone fraction of the slots above which delete() rebuilds the index in memory.
@@ -96,7 +94,7 @@ COMPACT_AT = 0.25
 COMPACT_HNSW_ON_SAVE_AT = 0.10
 
 
-class VectorMemory:
+class VectorMemory(SearchPasses):
     """An embedded vector store (see the module docstring for the layout and guarantees).
 
     Args:
@@ -144,8 +142,13 @@ class VectorMemory:
         }
         directory = Path(path) if path is not None else None
         storage = create_on_disk(directory, config) if directory is not None else Storage.create(None, config)
+        try:  # the creator is the store's first writer
+            lock = WriterLock(directory, timeout=0) if directory is not None else None
+        except BaseException:
+            storage.close()
+            raise
         slot_index = SlotIndex(dim, metric, index, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
-        self._setup(directory, storage, slot_index, encoder, cache)
+        self._setup(directory, storage, slot_index, encoder, cache, lock=lock)
 
     def _setup(
         self,
@@ -154,8 +157,14 @@ class VectorMemory:
         slot_index: SlotIndex,
         encoder: TextEncoder | None,
         cache: ResultCache,
+        *,
+        lock: WriterLock | None = None,
+        read_only: bool = False,
     ) -> None:
         self.path = directory
+        self.read_only = read_only
+        self._writer_lock = lock
+        self._closed = False
         self.dim, self.metric, self.index_kind = slot_index.dim, slot_index.metric, slot_index.kind
         if encoder is not None:
             enc_dim = getattr(encoder, "dim", None)
@@ -178,6 +187,8 @@ class VectorMemory:
         cls,
         path: str | Path,
         *,
+        read_only: bool = False,
+        lock_timeout: float = 5.0,
         encoder: TextEncoder | None = None,
         cache_size: int = 0,
         cache_ttl: float | None = None,
@@ -185,35 +196,44 @@ class VectorMemory:
     ) -> VectorMemory:
         """Open a store written by ``VectorMemory(..., path=...)``.
 
-        Raises HeadwiseError for a missing path, a directory of another program, a manifest of
-        another format version, a damaged database, or an index file whose checksum does not
-        match the manifest (``rebuild_index=True`` then rebuilds the index from SQLite).
+        ``read_only=False`` (a writer) takes the store's writer lock, waiting up to
+        ``lock_timeout`` seconds for another writer to close (see :mod:`headwise.memory.locking`).
+        ``read_only=True`` (a reader, any number) takes no lock and sees the snapshot committed
+        when it opened until :meth:`refresh`. Raises HeadwiseError for a missing path, a
+        directory of another program, a manifest of another format version or naming files
+        outside the store, a damaged database, a store locked by another writer, or an index
+        file whose checksum does not match the manifest (``rebuild_index=True`` then rebuilds
+        the index from SQLite).
         """
         directory = Path(path)
         if not directory.is_dir():
             raise bad_argument("path", "a directory written by VectorMemory", f"{directory} (not a directory)")
-        manifest = read_manifest(directory)
+        read_manifest(directory)  # a foreign directory is refused before a lock file is written into it
         cache = ResultCache(cache_size, cache_ttl)
-        storage = Storage.open(directory / DATABASE)
+        lock = None if read_only else WriterLock(directory, timeout=lock_timeout)
         try:
-            cfg = storage.config()
-            dim, metric, kind = int(cfg["dim"]), cfg["metric"], cfg["index"]
-            hnsw = {k: int(cfg[k]) for k in ("hnsw_m", "ef_construction", "ef_search")}
-            if metric not in METRICS or kind not in INDEX_KINDS:
-                raise HeadwiseError(f"database {directory / DATABASE}: unknown metric {metric!r} or index {kind!r}")
-            remove_leftovers(directory, manifest)
-            slot_index = None
-            if manifest.get("index") is not None:
-                slot_index = load_index(directory, manifest["index"], dim, metric, kind, hnsw, rebuild_index)
-            if slot_index is None:
-                slot_index = SlotIndex(dim, metric, kind, **hnsw)
-            reconcile(slot_index, storage)
+            storage, slot_index = open_store(directory, read_only=read_only, rebuild=rebuild_index)
+            mem = cls.__new__(cls)
+            mem._setup(directory, storage, slot_index, encoder, cache, lock=lock, read_only=read_only)
         except BaseException:
-            storage.close()
+            if lock is not None:
+                lock.release()
             raise
-        mem = cls.__new__(cls)
-        mem._setup(directory, storage, slot_index, encoder, cache)
         return mem
+
+    def refresh(self) -> None:
+        """A reader moves to the latest committed state (its index catches up); a no-op for a writer.
+
+        A read-only store answers ``search`` and ``get`` from one snapshot, so the two never
+        disagree; writes committed by the writer after that snapshot appear after ``refresh()``.
+        """
+        if not self.read_only:
+            return
+        with self._lock:
+            self._db.end_snapshot()
+            self._db.begin_snapshot()
+            reconcile(self._index, self._db)
+            self.cache.clear()
 
     def save(self) -> None:
         """Write the faiss index and the manifest so that ``open`` need not rebuild (see the module docstring).
@@ -222,6 +242,7 @@ class VectorMemory:
         """
         if self.path is None:
             raise HeadwiseError("save: expected a VectorMemory created with path=..., got an in-memory one")
+        self._require_writer("save")
         with self._lock:
             tombstones = self._index.n_slots - self._index.n_live
             threshold = 0 if self.index_kind == "flat" else COMPACT_HNSW_ON_SAVE_AT * self._index.n_slots
@@ -247,8 +268,19 @@ class VectorMemory:
             self._db.checkpoint()
 
     def close(self) -> None:
-        """Close the database connection (records are already durable)."""
-        self._db.close()
+        """Close the database connection and drop the writer lock (records are already durable). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._db.end_snapshot()
+            self._db.close()
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+
+    def _require_writer(self, op: str) -> None:
+        if self.read_only:
+            raise HeadwiseError(f"{op}: expected a writable VectorMemory, got one opened with read_only=True")
 
     def __enter__(self) -> VectorMemory:
         return self
@@ -328,6 +360,7 @@ class VectorMemory:
         JSON-serialisable value (or None) per vector. ``texts``: one str (or None) per vector.
         Raises HeadwiseError, leaving the store unchanged, on any bad input.
         """
+        self._require_writer("add")
         with self._lock:
             start = time.perf_counter()
             x = self._check_vectors(vectors, "vectors")
@@ -352,6 +385,7 @@ class VectorMemory:
 
     def delete(self, ids: Any) -> int:
         """Delete the records of ``ids`` (absent ids are ignored); returns how many were deleted."""
+        self._require_writer("delete")
         id_arr = as_ids(ids, "ids")
         with self._lock:
             seqs = self._db.delete(id_arr) if len(id_arr) else np.empty(0, dtype=np.int64)
@@ -383,6 +417,7 @@ class VectorMemory:
 
         Committed to SQLite before it returns; see :mod:`headwise.memory.feedback`.
         """
+        self._require_writer("record_feedback")
         text = query if isinstance(query, str) else None
         if text is not None:
             query = self._require_encoder("record_feedback of a str").encode([text])
@@ -460,116 +495,6 @@ class VectorMemory:
 
         with self._lock:
             return measure(self._index, self._db, self.path)
-
-    # ------------------------------------------------------------------ search internals
-    def _search(self, queries: Any, k: int, enhance: bool | None, op: str) -> tuple[np.ndarray, np.ndarray]:
-        start = time.perf_counter()
-        k = check_k(k)
-        with self._lock:
-            use = self._use_enhancer(enhance)
-            q = self._check_vectors(queries, "queries")
-            n = len(q)
-            if not self.cache.max_size:  # no cache: no per-row bookkeeping
-                scores, ids = self._search_rows(q, k, use)
-            else:
-                scores = np.full((n, k), -np.inf, dtype=np.float32)
-                ids = np.full((n, k), -1, dtype=np.int64)
-                keys = [(row.tobytes(), k, use) for row in q]
-                todo = []
-                for i in range(n):
-                    hit = self.cache.get(keys[i])
-                    if hit is None:
-                        todo.append(i)
-                    else:
-                        scores[i], ids[i] = hit
-                if todo:
-                    rows = np.asarray(todo)
-                    s, i_ = self._search_rows(q[rows], k, use)
-                    scores[rows], ids[rows] = s, i_
-                    for j, r in enumerate(todo):
-                        self.cache.put(keys[r], (s[j].copy(), i_[j].copy()))
-            self.metrics.record(op, time.perf_counter() - start, n)
-            return scores, ids
-
-    def _search_rows(self, q: np.ndarray, k: int, use_enhancer: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids (n, k) of checked queries, by the enhanced two-pass search or one pass."""
-        # faiss works with at most the live count (its heaps and HNSW beams grow with k); the
-        # result is padded to k (bounded by MAX_K) like faiss's own.
-        k_eff = max(1, min(k, self._index.n_live))
-        if k_eff < k:
-            scores, ids = self._search_rows(q, k_eff, use_enhancer)
-            pad = ((0, 0), (0, k - k_eff))
-            return np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
-        if not use_enhancer:
-            return self._index.search(q, k)[:2]
-        refined, first = self._second_pass_inputs(q)
-        with self.metrics.timer("second_pass", len(q)):
-            found = self._index.search(refined, k)
-        if first is not None and self._index.is_hnsw and self.merge_candidates:
-            with self.metrics.timer("merge", len(q)):
-                found = self._index.merge(refined, found, *first, k)
-        return found[:2]
-
-    def _use_enhancer(self, enhance: bool | None) -> bool:
-        if enhance is None:
-            return self.enhancer is not None
-        if enhance and self.enhancer is None:
-            raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
-        return bool(enhance)
-
-    def _second_pass_inputs(self, q: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-        """The second pass's queries (q refined by the enhancer from its first-pass top-K), and that
-        top-K as (slots (n, K), vectors (n, K, d)), or None when the enhancer takes no candidates.
-
-        Rows with fewer than K candidates (HNSW may return fewer) repeat their last one, so the
-        enhancer never sees padding; rows with none keep their query and have slots -1.
-        """
-        enh = self.enhancer
-        if not getattr(enh, "uses_candidates", True):
-            return self._refine(q, None, None), None
-        big_k = min(int(enh.candidates), self._index.n_live)
-        if big_k == 0:
-            return q, None
-        with self.metrics.timer("first_pass", len(q)):
-            first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
-            s1, _, slots = self._index.search(first, big_k, ef=self._candidate_ef)
-        if slots.min() >= 0:  # the common case: K candidates in every row
-            vectors = self._gather(slots)
-            return self._refine(q, vectors, s1), (slots, vectors)
-        has_any = slots[:, 0] >= 0
-        last = np.maximum.accumulate(np.where(slots >= 0, np.arange(big_k), 0), axis=1)
-        slots = np.take_along_axis(slots, last, axis=1)  # rows without any stay at -1
-        s1 = np.take_along_axis(s1, last, axis=1)
-        vectors = self._gather(np.maximum(slots, 0))
-        refined = q.copy()
-        if has_any.any():
-            refined[has_any] = self._refine(q[has_any], vectors[has_any], s1[has_any])
-        return refined, (slots, vectors)
-
-    def _gather(self, slots: np.ndarray) -> np.ndarray:
-        """The stored vectors (n, K, d) of candidate slots (n, K)."""
-        with self.metrics.timer("candidates", len(slots)):
-            return self._index.reconstruct(slots, reuse=True)  # used until this search returns
-
-    def _refine(self, q: np.ndarray, vectors: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
-        """The enhancer's refined queries (n, d) from candidate vectors (n, K, d) and scores (n, K), checked.
-
-        ``vectors`` None: the enhancer ignores candidates and is called with the queries alone.
-        """
-        args = (q,) if vectors is None else (q, vectors, scores)
-        start = time.perf_counter()
-        # headwise's enhancers skip their own checks of the arrays made here (refine_unchecked).
-        refine = getattr(self.enhancer, "refine_unchecked", None) or self.enhancer.refine
-        out = np.asarray(refine(*args), dtype=np.float32)
-        if vectors is not None and np.may_share_memory(out, vectors):
-            out = out.copy()  # the candidates live in a workspace that the next search overwrites
-        self.metrics.record("refine", time.perf_counter() - start, len(q))
-        if out.shape != (len(q), self.dim) or not np.isfinite(out).all():
-            raise HeadwiseError(
-                f"enhancer.refine: expected finite queries of shape {(len(q), self.dim)}, got shape "
-                f"{out.shape} (finite: {bool(np.isfinite(out).all())})"
-            )
-        return normalise_rows(out, "enhancer.refine output") if self.metric == "cosine" else out
 
     # ------------------------------------------------------------------ validation
     def _check_vectors(self, vectors: Any, name: str) -> np.ndarray:

@@ -1,0 +1,151 @@
+"""The two-pass search of :class:`~headwise.memory.store.VectorMemory`, a mixin: cache, passes, refine.
+
+Kept apart from the store's bookkeeping (open, save, locking, writes) so that each stays short;
+the store module docstring describes the enhanced search these methods run.
+
+Shapes: queries (n, d); candidates (n, K) slots and (n, K, d) vectors; results (n, k).
+
+Example:
+    >>> import numpy as np
+    >>> from headwise.memory import VectorMemory
+    >>> mem = VectorMemory(2)
+    >>> _ = mem.add(np.eye(2, dtype=np.float32))
+    >>> mem._search_rows(np.array([[1.0, 0.0]], dtype=np.float32), 3, False)[1].tolist()
+    [[0, 1, -1]]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from headwise.errors import HeadwiseError, bad_argument
+from headwise.memory.checks import check_k, normalise_rows
+
+
+class SearchPasses:
+    """The search methods of VectorMemory (they use its index, enhancer, cache, metrics and lock)."""
+
+    _index: Any
+    _lock: Any
+    _candidate_ef: int | None
+    enhancer: Any
+    cache: Any
+    metrics: Any
+    metric: str
+    dim: int
+    merge_candidates: bool
+
+    def _check_vectors(self, vectors: Any, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _search(self, queries: Any, k: int, enhance: bool | None, op: str) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
+        k = check_k(k)
+        with self._lock:
+            use = self._use_enhancer(enhance)
+            q = self._check_vectors(queries, "queries")
+            n = len(q)
+            if not self.cache.max_size:  # no cache: no per-row bookkeeping
+                scores, ids = self._search_rows(q, k, use)
+            else:
+                scores = np.full((n, k), -np.inf, dtype=np.float32)
+                ids = np.full((n, k), -1, dtype=np.int64)
+                keys = [(row.tobytes(), k, use) for row in q]
+                todo = []
+                for i in range(n):
+                    hit = self.cache.get(keys[i])
+                    if hit is None:
+                        todo.append(i)
+                    else:
+                        scores[i], ids[i] = hit
+                if todo:
+                    rows = np.asarray(todo)
+                    s, i_ = self._search_rows(q[rows], k, use)
+                    scores[rows], ids[rows] = s, i_
+                    for j, r in enumerate(todo):
+                        self.cache.put(keys[r], (s[j].copy(), i_[j].copy()))
+            self.metrics.record(op, time.perf_counter() - start, n)
+            return scores, ids
+
+    def _search_rows(self, q: np.ndarray, k: int, use_enhancer: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids (n, k) of checked queries, by the enhanced two-pass search or one pass."""
+        # faiss works with at most the live count (its heaps and HNSW beams grow with k); the
+        # result is padded to k (bounded by MAX_K) like faiss's own.
+        k_eff = max(1, min(k, self._index.n_live))
+        if k_eff < k:
+            scores, ids = self._search_rows(q, k_eff, use_enhancer)
+            pad = ((0, 0), (0, k - k_eff))
+            return np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
+        if not use_enhancer:
+            return self._index.search(q, k)[:2]
+        refined, first = self._second_pass_inputs(q)
+        with self.metrics.timer("second_pass", len(q)):
+            found = self._index.search(refined, k)
+        if first is not None and self._index.is_hnsw and self.merge_candidates:
+            with self.metrics.timer("merge", len(q)):
+                found = self._index.merge(refined, found, *first, k)
+        return found[:2]
+
+    def _use_enhancer(self, enhance: bool | None) -> bool:
+        if enhance is None:
+            return self.enhancer is not None
+        if enhance and self.enhancer is None:
+            raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
+        return bool(enhance)
+
+    def _second_pass_inputs(self, q: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The second pass's queries (q refined by the enhancer from its first-pass top-K), and that
+        top-K as (slots (n, K), vectors (n, K, d)), or None when the enhancer takes no candidates.
+
+        Rows with fewer than K candidates (HNSW may return fewer) repeat their last one, so the
+        enhancer never sees padding; rows with none keep their query and have slots -1.
+        """
+        enh = self.enhancer
+        if not getattr(enh, "uses_candidates", True):
+            return self._refine(q, None, None), None
+        big_k = min(int(enh.candidates), self._index.n_live)
+        if big_k == 0:
+            return q, None
+        with self.metrics.timer("first_pass", len(q)):
+            first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
+            s1, _, slots = self._index.search(first, big_k, ef=self._candidate_ef)
+        if slots.min() >= 0:  # the common case: K candidates in every row
+            vectors = self._gather(slots)
+            return self._refine(q, vectors, s1), (slots, vectors)
+        has_any = slots[:, 0] >= 0
+        last = np.maximum.accumulate(np.where(slots >= 0, np.arange(big_k), 0), axis=1)
+        slots = np.take_along_axis(slots, last, axis=1)  # rows without any stay at -1
+        s1 = np.take_along_axis(s1, last, axis=1)
+        vectors = self._gather(np.maximum(slots, 0))
+        refined = q.copy()
+        if has_any.any():
+            refined[has_any] = self._refine(q[has_any], vectors[has_any], s1[has_any])
+        return refined, (slots, vectors)
+
+    def _gather(self, slots: np.ndarray) -> np.ndarray:
+        """The stored vectors (n, K, d) of candidate slots (n, K)."""
+        with self.metrics.timer("candidates", len(slots)):
+            return self._index.reconstruct(slots, reuse=True)  # used until this search returns
+
+    def _refine(self, q: np.ndarray, vectors: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
+        """The enhancer's refined queries (n, d) from candidate vectors (n, K, d) and scores (n, K), checked.
+
+        ``vectors`` None: the enhancer ignores candidates and is called with the queries alone.
+        """
+        args = (q,) if vectors is None else (q, vectors, scores)
+        start = time.perf_counter()
+        # headwise's enhancers skip their own checks of the arrays made here (refine_unchecked).
+        refine = getattr(self.enhancer, "refine_unchecked", None) or self.enhancer.refine
+        out = np.asarray(refine(*args), dtype=np.float32)
+        if vectors is not None and np.may_share_memory(out, vectors):
+            out = out.copy()  # the candidates live in a workspace that the next search overwrites
+        self.metrics.record("refine", time.perf_counter() - start, len(q))
+        if out.shape != (len(q), self.dim) or not np.isfinite(out).all():
+            raise HeadwiseError(
+                f"enhancer.refine: expected finite queries of shape {(len(q), self.dim)}, got shape "
+                f"{out.shape} (finite: {bool(np.isfinite(out).all())})"
+            )
+        return normalise_rows(out, "enhancer.refine output") if self.metric == "cosine" else out
