@@ -246,6 +246,32 @@ def search(
         console.print(table)
 
 
+@memory_app.command("verify")
+def verify(path: Annotated[Path, typer.Argument(help="a VectorMemory directory")]) -> None:
+    """Check a store completely, read-only (safe beside a writer): SQLite pages, record checksums, the index."""
+    from headwise.memory import VectorMemory
+
+    try:
+        with VectorMemory.open(path, read_only=True) as mem:
+            report = mem.verify()
+    except HeadwiseError as exc:
+        _fail(exc)
+    table = Table(title=f"verify {path}")
+    for col in ("check", "result"):
+        table.add_column(col)
+    rows = [("records", f"{report.records:,}"), ("without a checksum (schema 1)", f"{report.unchecked:,}"),
+            ("SQLite integrity_check", "; ".join(report.sqlite[:3]) or "ok")]  # fmt: skip
+    for label, ids in (("checksum mismatches", report.corrupt), ("missing from the index", report.index_missing),
+                       ("in the index, not in SQLite", report.index_extra),
+                       ("index vector differs", report.index_differs)):  # fmt: skip
+        rows.append((label, f"{len(ids):,}" + (f" (ids {ids[:10]})" if ids else "")))
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if not report.ok:
+        _fail(HeadwiseError(f"verify {path}: expected an intact store, got problems (see the table above)"))
+
+
 def _qps_cell(row: dict) -> str:
     lo, hi = row["batch_qps_range"]
     return f"{row['batch_qps']:.0f} [{lo:.0f}, {hi:.0f}]"

@@ -69,6 +69,13 @@ def check_relevant(relevant: Any, existing: Callable[[np.ndarray], np.ndarray]) 
 
 def insert_feedback(conn: sqlite3.Connection, vector: np.ndarray, text: str | None, relevant: dict[int, float]) -> int:
     """Insert one pair in its own transaction (the table is created in it if needed); returns its id."""
+    try:
+        return _insert(conn, vector, text, relevant)
+    except sqlite3.Error as exc:
+        raise HeadwiseError(f"database: expected to record feedback, got {type(exc).__name__}: {exc}") from exc
+
+
+def _insert(conn: sqlite3.Connection, vector: np.ndarray, text: str | None, relevant: dict[int, float]) -> int:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(_TABLE)
@@ -86,6 +93,13 @@ def insert_feedback(conn: sqlite3.Connection, vector: np.ndarray, text: str | No
 
 def read_feedback(conn: sqlite3.Connection, dim: int, where: str) -> list[Feedback]:
     """Every recorded pair, oldest first (an empty list when none was ever recorded)."""
+    try:
+        return _read(conn, dim, where)
+    except sqlite3.Error as exc:
+        raise HeadwiseError(f"{where}: expected readable feedback, got {type(exc).__name__}: {exc}") from exc
+
+
+def _read(conn: sqlite3.Connection, dim: int, where: str) -> list[Feedback]:
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'feedback'").fetchone()
     if not exists:
         return []

@@ -81,6 +81,7 @@ from headwise.memory.checks import (
 from headwise.memory.encoder import TextEncoder
 from headwise.memory.feedback import check_relevant, insert_feedback, read_feedback
 from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
+from headwise.memory.integrity import VerifyReport, verify_store
 from headwise.memory.layout import create_on_disk, open_store, read_manifest, reconcile, sha256, write_manifest
 from headwise.memory.locking import WriterLock
 from headwise.memory.metrics import MetricsCollector
@@ -488,6 +489,15 @@ class VectorMemory(SearchPasses):
         with self._lock:
             _, id_arr = self._db.seq_ids()
         return np.sort(id_arr)
+
+    def verify(self) -> VerifyReport:
+        """Scan everything: SQLite's integrity check, each record's checksum, the index against SQLite.
+
+        Returns a :class:`~headwise.memory.integrity.VerifyReport` (``report.ok``); see
+        :mod:`headwise.memory.integrity`. A reader verifies its snapshot.
+        """
+        with self._lock:
+            return verify_store(self._db, self._index)
 
     def footprint(self) -> dict[str, Any]:
         """Bytes per stored vector, from faiss's accounting and the files (see :mod:`headwise.memory.footprint`)."""
