@@ -7,7 +7,10 @@ The writer reports each operation twice over a pipe: "begin" before calling the 
 - every acknowledged add is present with its exact vector, metadata and text, and every
   acknowledged delete is absent;
 - the one operation that was in flight is all or nothing (no half-written batch);
-- the faiss index agrees with SQLite (same count; search finds each record, never a deleted one).
+- the faiss index agrees with SQLite (same count; search finds each record, never a deleted one;
+  ``verify()`` passes: every checksum, SQLite's integrity check, the index vectors).
+
+Kills land in adds, deletes, saves (which compact) and verify() runs, on all three index kinds.
 
 The writer is forked from a forkserver that has already imported headwise, so a trial
 costs milliseconds of start-up instead of the ~2 s of importing torch.
@@ -28,7 +31,7 @@ from test_memory_crash_writer import DIM, vectors_for, writer  # tests/integrati
 
 from headwise.memory import VectorMemory
 
-TRIALS_PER_INDEX = 30  # x 2 index kinds = 60 kill trials
+TRIALS_PER_INDEX = 30  # x 3 index kinds = 90 kill trials
 
 
 def run_trial(ctx, path: Path, trial: int, kill_after: float) -> list[tuple]:
@@ -59,7 +62,7 @@ def run_trial(ctx, path: Path, trial: int, kill_after: float) -> list[tuple]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "hnsw-fp16"])
 def test_sigkill_at_random_points_loses_no_acknowledged_write(tmp_path, index):
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["headwise.memory", "test_memory_crash_writer"])
@@ -69,7 +72,8 @@ def test_sigkill_at_random_points_loses_no_acknowledged_write(tmp_path, index):
     rnd = random.Random(index)
     kinds_in_flight: list[str] = []
     for trial in range(TRIALS_PER_INDEX):
-        messages = run_trial(ctx, path, trial + (0 if index == "flat" else 1000), rnd.uniform(0.01, 0.25))
+        offset = {"flat": 0, "hnsw": 1000, "hnsw-fp16": 2000}[index]
+        messages = run_trial(ctx, path, trial + offset, rnd.uniform(0.01, 0.25))
         in_flight = None
         for tag, op, ids in messages:
             if tag == "begin":
@@ -97,6 +101,7 @@ def test_sigkill_at_random_points_loses_no_acknowledged_write(tmp_path, index):
             f"trial {trial}: lost {sorted(live - stored)[:5]}, unexpected {sorted(stored - live)[:5]}"
         )
         assert len(mem) == len(live)
+        assert mem.verify().ok  # checksums, SQLite pages and the index agree after every kill
         if live:
             ids = np.array(sorted(live))
             np.testing.assert_array_equal(mem.vectors(ids), vectors_for(ids))
