@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from tests.conftest import require_data
 from typer.testing import CliRunner
@@ -152,3 +153,38 @@ def test_eval_on_query_files(workdir, tmp_path):
     assert res.exit_code == 2 and "bad.jsonl line 1" in res.output
     res = invoke("eval", "--dir", str(workdir), "--method", "knn", "--split", "none")
     assert res.exit_code == 2 and "at least one query file" in res.output
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / "manifest.json").write_text("{not json"), "a JSON manifest"),
+        (lambda d: (d / "manifest.json").write_text("[]"), "the keys source"),
+        (
+            lambda d: (d / "manifest.json").write_text(
+                '{"source": {"x": 1}, "fingerprint": "", "documents": 1, "queries": 1, "name": "x"}'
+            ),
+            "source: expected",
+        ),  # fmt: skip
+        (lambda d: (d / "docs.npy").unlink(), "docs.npy: expected the embeddings"),
+        (lambda d: np.save(d / "docs.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True), "no pickle"),
+        (lambda d: np.save(d / "docs.npy", np.zeros((3, 384), dtype=np.float32)), "float32 array"),
+        (lambda d: np.save(d / "queries.npy", np.zeros((5, 12), dtype=np.float32)), "queries.npy: expected"),
+    ],
+)
+def test_damaged_working_directories_get_one_line_errors(workdir, tmp_path, damage, message):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(workdir, d)
+    damage(d)
+    res = invoke("search", "--dir", str(d), "a dog")
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.output
+
+
+def test_search_k_bounds(workdir):
+    res = invoke("search", "--dir", str(workdir), "--method", "knn", "--k", "2147483648", "a dog")
+    assert res.exit_code == 2 and "k: expected an int in [1, 16384]" in res.stderr
+    res = invoke("search", "--dir", str(workdir), "--method", "knn", "--k", "16384", "a dog")
+    assert res.exit_code == 0 and res.output.count("│") > 0  # only the corpus's documents, no padding rows

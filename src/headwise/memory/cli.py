@@ -67,17 +67,45 @@ def _fail(exc: HeadwiseError) -> None:
 
 
 def _load(directory: Path) -> tuple[dict, RetrievalDataset, np.ndarray, np.ndarray]:
-    """The manifest, the dataset rebuilt from its source (checked by fingerprint) and the embeddings."""
+    """The manifest, the dataset rebuilt from its source (checked by fingerprint) and the embeddings.
+
+    Every way a working directory can be damaged (unreadable or incomplete manifest, a missing,
+    pickled or misshapen ``.npy``) is a HeadwiseError naming the file.
+    """
     path = directory / MANIFEST
     if not path.is_file():
         raise bad_argument("--dir", f"a folder made by 'headwise memory build' (with {MANIFEST})", str(directory))
-    manifest = json.loads(path.read_text())
-    ds = _dataset_from(manifest["source"], manifest.get("limit"))
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_argument(str(path), "a JSON manifest written by 'headwise memory build'", str(exc)) from None
+    missing = [k for k in ("source", "fingerprint", "documents", "queries", "name") if not isinstance(manifest, dict)
+               or k not in manifest]  # fmt: skip
+    if missing:
+        raise bad_argument(str(path), "the keys source, fingerprint, documents, queries, name", f"no {missing}")
+    try:
+        ds = _dataset_from(manifest["source"], manifest.get("limit"))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise bad_argument(f"{path}: source", "a dataset name, file or corpus description", repr(exc)) from None
     if ds.fingerprint() != manifest["fingerprint"]:
         raise bad_argument("--dir", f"data matching fingerprint {manifest['fingerprint']}", ds.fingerprint())
-    docs = np.load(directory / "docs.npy", allow_pickle=False)
-    queries = np.load(directory / "queries.npy", allow_pickle=False)
+    docs = _load_matrix(directory / "docs.npy", len(ds.documents))
+    queries = _load_matrix(directory / "queries.npy", len(ds), dim=docs.shape[1])
     return manifest, ds, docs, queries
+
+
+def _load_matrix(path: Path, rows: int, dim: int | None = None) -> np.ndarray:
+    """A (rows, d) float32 embedding matrix written by build (no pickle), or a HeadwiseError naming the file."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise bad_argument(str(path), "the embeddings written by 'headwise memory build'", "no such file") from None
+    except (OSError, ValueError, EOFError) as exc:  # a pickled or damaged file
+        raise bad_argument(str(path), "a plain .npy array (no pickle)", f"{type(exc).__name__}: {exc}") from None
+    if arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.float32 or (dim is not None and arr.shape[1] != dim):
+        want = f"a ({rows}, {dim if dim is not None else 'd'}) float32 array"
+        raise bad_argument(str(path), want, f"{arr.dtype} {arr.shape}")
+    return arr
 
 
 def _dataset_from(source: str | dict, limit: int | None) -> RetrievalDataset:
