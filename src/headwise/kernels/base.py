@@ -44,14 +44,26 @@ def row_entropy(weights: Tensor) -> Tensor:
     return -(weights * torch.log(safe)).sum(dim=-1)
 
 
+def lse_cotangent(dlse: Tensor, lse: Tensor) -> Tensor:
+    """The incoming gradient of ``lse``, with 0 on rows that attend to nothing (lse = -inf).
+
+    ``d lse / d s_j = p_j``, so a backward adds ``dlse * p`` to dS. An empty row has p = 0
+    everywhere and its lse is constant (-inf whatever q, k and v are): its gradient is 0.
+    Its cotangent may be anything, though (``lse ** 2`` gives -inf there), and 0 * inf would
+    be NaN; the reference's ``logsumexp`` gets 0 there too (its masked keys take no gradient).
+    """
+    return torch.where(torch.isneginf(lse), 0.0, dlse)
+
+
 @dataclass(frozen=True)
 class AttentionOutput:
     """Result of :func:`headwise.attend`.
 
     out (B, Hq, L, Ev); weights (B, Hq, L, S), (B, L, S) for need_weights="mean", or None;
     stats or None; lse (B, Hq, L): the log-sum-exp of each row's logits (-inf for a row
-    with nothing to attend to), or None when the backend does not produce it; backend: the
-    name of the backend that ran.
+    with nothing to attend to), or None when the backend does not produce it (sdpa, flex);
+    differentiable wherever it is returned (0 gradient on an empty row); backend: the name
+    of the backend that ran.
     """
 
     out: Tensor

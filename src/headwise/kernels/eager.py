@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headwise.kernels.alloc import empty_large
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request, attention_flops, row_entropy
+from headwise.kernels.base import (
+    AttentionOutput,
+    AttentionStats,
+    Backend,
+    Request,
+    attention_flops,
+    lse_cotangent,
+    row_entropy,
+)
 from headwise.profiling import AV, MASK_SCORE, QK, SOFTMAX, scope
 
 _SECONDS_PER_FLOP = 1 / 150e9
@@ -135,8 +143,9 @@ class _WeightsFunction(torch.autograd.Function):
     two (logits, then weights) and it is the one saved for backward. Backward by hand, with
     the weights' own gradient (an output too: a loss may use them) added to the output's:
     dV = W^T dO, dW = dO V^T + dW_out, dS = W * (dW - rowsum(dW * W)) (torch's fused softmax
-    backward), dQ = scale dS K, dK = scale dS^T Q. Masked entries and empty rows have W = 0,
-    hence dS = 0. Shapes as in the module docstring; GQA folds the group into the rows.
+    backward) + W * dlse (d lse / d s = W), dQ = scale dS K, dK = scale dS^T Q. Masked entries
+    and empty rows have W = 0, hence dS = 0. Outputs the loss ignores come as None (no zero
+    fill, no pass). Shapes as in the module docstring; GQA folds the group into the rows.
     """
 
     @staticmethod
@@ -155,14 +164,14 @@ class _WeightsFunction(torch.autograd.Function):
         _, lse = _softmax_with_lse_(w, may_be_empty=req.mask is not None)
         lse = lse.view(B, Hq, L)
         out = torch.matmul(w.view(B, Hkv, G * L, S), v).view(B, Hq, L, Ev)
-        ctx.save_for_backward(q, k, v, w)
+        ctx.save_for_backward(q, k, v, w, lse)
         ctx.scale = req.scale
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, w.view(B, Hq, L, S), lse
 
     @staticmethod
-    def backward(ctx, dout: Tensor | None, dweights: Tensor | None, _dlse: Tensor | None):
-        q, k, v, w = ctx.saved_tensors
+    def backward(ctx, dout: Tensor | None, dweights: Tensor | None, dlse: Tensor | None):
+        q, k, v, w, lse = ctx.saved_tensors
         B, Hq, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         w4 = w.view(B, Hkv, -1, S)
@@ -171,6 +180,8 @@ class _WeightsFunction(torch.autograd.Function):
             dw += dweights.reshape(w4.shape)
         dv = None if dout is None else torch.matmul(w4.transpose(-1, -2), dout.reshape(B, Hkv, -1, Ev))
         ds = torch._softmax_backward_data(dw, w4, -1, w4.dtype)
+        if dlse is not None:
+            ds.addcmul_(w4, lse_cotangent(dlse, lse).reshape(B, Hkv, -1, 1))
         dq = torch.matmul(ds, k).mul_(ctx.scale).view(B, Hq, L, E)
         dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, -1, E)).mul_(ctx.scale)
         return None, dq, dk, dv

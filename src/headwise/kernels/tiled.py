@@ -18,8 +18,8 @@ the output when ``m`` changes. It is computed elementwise (a row dot product of 
 largest logit and loses the entropy of sharp rows.
 
 The backward pass (FlashAttention-2) recomputes each block's probabilities from the saved
-log-sum-exp instead of storing them: ``dS = P * (dP - rowsum(dO * O))``, plus the closed-form
-gradients of the statistics when a loss uses them (kernels/tiled_stats.py). Score
+log-sum-exp instead of storing them: ``dS = P * (dP - rowsum(dO * O) + dlse)``, plus the
+closed-form gradients of the statistics when a loss uses them (kernels/tiled_stats.py). Score
 modifications are differentiated by running autograd on the recomputed block.
 
 GQA folds the G query heads that share a key/value head into the rows of one matmul, so
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from headwise.kernels.base import BOUNDED_LOGIT_LIMIT as _BOUNDED_LOGIT_LIMIT
 from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request
-from headwise.kernels.tiled_stats import StatsGrad
+from headwise.kernels.tiled_stats import StatsGrad, row_delta
 from headwise.kernels.unshifted import ALL_ROWS, NO_ROWS, unshifted_rows
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
 from headwise.scores import Score
@@ -448,14 +448,14 @@ def _online_rows(tiles: _Tiles, spans: list[Span], need_stats: bool, fixed: Tens
     return m_run, l_run, acc, ps, top
 
 
-def _tiled_backward(plan, q, k, v, out, lse, dout, params, stats: StatsGrad | None = None):
+def _tiled_backward(plan, q, k, v, out, lse, dout, params, stats: StatsGrad | None = None, dlse=None):
     B, Hq, Hkv, L, S, G = plan.B, plan.Hq, plan.Hkv, plan.L, plan.S, plan.G
     E, Ev = q.shape[-1], v.shape[-1]
     blocks = _Blocks(plan, q.device)
     q5, do5 = _scaled_queries(plan, q).view(B, Hkv, G, L, E), dout.view(B, Hkv, G, L, Ev)
     # Rows with nothing to attend to have lse = -inf; +inf makes their probabilities 0.
     lse5 = torch.where(lse == float("-inf"), float("inf"), lse).view(B, Hkv, G, L)
-    delta5 = (dout * out).sum(dim=-1).view(B, Hkv, G, L)
+    delta5 = row_delta(dout, out, lse, dlse).view(B, Hkv, G, L)  # the lse's gradient rides in it
     dq = torch.zeros_like(q5)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     dparams = [torch.zeros_like(p) for p in params]  # p may need grad: zeros_like does not
@@ -527,14 +527,14 @@ class _TiledFunction(torch.autograd.Function):
         ent = empty if entropy is None else entropy.view(lse.shape)
         mw = empty if max_w is None else max_w.view(lse.shape)
         ctx.save_for_backward(q, k, v, out, lse, ent, mw)
-        # The statistics are differentiable (kernels/tiled_stats.py); unused outputs get None,
-        # not zeros, so a loss without them costs the backward nothing extra.
-        ctx.mark_non_differentiable(lse, *(() if need_stats else (ent, mw)))
+        # lse and the statistics are differentiable (kernels/tiled_stats.py); unused outputs
+        # get None, not zeros, so a loss without them costs the backward nothing extra.
+        ctx.mark_non_differentiable(*(() if need_stats else (ent, mw)))
         ctx.set_materialize_grads(False)
         return out, lse, ent, mw
 
     @staticmethod
-    def backward(ctx, dout, _dlse, dent, dmw):
+    def backward(ctx, dout, dlse, dent, dmw):
         q, k, v, out, lse, ent, mw = ctx.saved_tensors
         plan = ctx.plan
         params = ()
@@ -542,8 +542,8 @@ class _TiledFunction(torch.autograd.Function):
             params = tuple(p.detach().requires_grad_() for p in plan.score.parameters())
             plan = dataclasses.replace(plan, score=plan.score.with_parameters(params))
         stats = None if dent is None and dmw is None else StatsGrad(plan, ent, dent, mw, dmw)
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # a loss of the stats alone
-        dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout, params, stats)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # a loss of lse or stats alone
+        dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout, params, stats, dlse)
         return (None, None, dq, dk, dv, *dparams)
 
 

@@ -1,4 +1,7 @@
-"""Gradients of the tiled kernel's streamed statistics (entropy and max weight), tile by tile.
+"""Gradients of the tiled kernel's log-sum-exp and streamed statistics (entropy, max weight).
+
+The log-sum-exp costs nothing: ``d lse / d s_j = p_j``, so its cotangent joins the row term
+of ``dS = P * (dP - delta)`` as ``delta = rowsum(dO * O) - dlse`` (:func:`row_delta`).
 
 The forward streams each row's entropy ``H`` and largest weight ``M`` without ever holding
 the L x S weights. The backward (FlashAttention-2 recomputation, kernels/tiled.py) rebuilds
@@ -28,8 +31,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from headwise.kernels.base import lse_cotangent
+
 if TYPE_CHECKING:  # tiled imports this module: the types only
     from headwise.kernels.tiled import TiledPlan, _Blocks
+
+
+def row_delta(dout: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None) -> Tensor:
+    """``rowsum(dO * O) - dlse``, (B, Hq, L): the row term the backward subtracts from dP.
+
+    ``dS_j = p_j (dP_j - rowsum(dO * O)) + dlse p_j``: the output's softmax gradient and the
+    lse's share the factor p_j, so the lse needs no pass of its own. Empty rows take no lse
+    gradient (see :func:`headwise.kernels.base.lse_cotangent`).
+    """
+    delta = (dout * out).sum(dim=-1)
+    return delta if dlse is None else delta - lse_cotangent(dlse, lse)
 
 
 class StatsGrad:
