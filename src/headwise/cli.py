@@ -1,4 +1,8 @@
-"""The ``headwise`` command line: demo, analyze, memory, bench, docs."""
+"""The ``headwise`` command line: demo, analyze, memory, bench, docs.
+
+Every command fails the same way: one line ``error: ...`` on stderr and exit status 2, with
+its arguments checked before the work starts (headwise.cliutil; docs/cli.md lists them).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,16 @@ from rich.console import Console
 from rich.table import Table
 
 from headwise.analysis.cli import analyze
+from headwise.cliutil import OneLineErrors, fail, in_dir, in_file, int_in, out_dir, out_file, read_text, reports_errors
+from headwise.errors import bad_argument
 from headwise.memory.cli import bench as memory_bench
 from headwise.memory.cli import memory_app
 from headwise.report.cli import demo as report_demo
+from headwise.report.common import MAX_SEED
 
-app = typer.Typer(help="headwise: multi-head attention, head by head.", no_args_is_help=True)
+# OneLineErrors: click's usage errors and any HeadwiseError that escapes a command, in every
+# subcommand (memory's too), become one line on stderr with exit status 2.
+app = typer.Typer(help="headwise: multi-head attention, head by head.", no_args_is_help=True, cls=OneLineErrors)
 bench_app = typer.Typer(help="Benchmarks that run headwise and its competitors side by side.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.command("demo")(report_demo)
@@ -30,8 +39,37 @@ COMPARE_OPTION = typer.Option(
 )
 THRESHOLD_OPTION = typer.Option(0.10, help="Relative slowdown that counts as a regression with --compare.")
 
+# Bounds of the benchmark options, checked before anything runs. MAX_SEQ: every length times
+# dense SDPA, 4*8*L^2*64 flops a call: 8.8 TFLOP, about 40 s on the reference machine, at
+# 65,536. MAX_REPEAT: more timed runs than anyone waits for. MAX_EMBED: the module's four
+# E x E projections take 1 GiB at 8,192. MAX_STEPS: the training batches are drawn up front,
+# steps x 32 x 129 int64 = 330 MB at 10,000. WORDNET_EXAMPLES: the synsets of WordNet 3.0 with
+# an example sentence, all the timing suite can have.
+MAX_SEQ = 65_536
+MAX_REPEAT = 1_000
+MAX_EMBED = 8_192
+MAX_STEPS = 10_000
+WORDNET_EXAMPLES = 32_884
+
+
+def _check_seqs(seqs: list[int]) -> list[int]:
+    for L in seqs:
+        int_in("--seq", L, 1, MAX_SEQ)
+    return sorted(set(seqs))
+
+
+def _check_compare(compare: Path | None, threshold: float, name: str = "--compare") -> None:
+    """--threshold, and the --compare file read and checked now, not after the benchmark."""
+    from headwise.bench.compare import load_records
+
+    if not threshold >= 0:  # NaN too
+        raise bad_argument("--threshold", "a relative slowdown >= 0", threshold)
+    if compare is not None:
+        load_records(in_file(compare, name), name)
+
 
 @bench_app.command("kernels")
+@reports_errors
 def bench_kernels(
     seq: list[int] = typer.Option(DEFAULT_SEQS, "--seq", help="Sequence lengths L (repeat the option)."),
     repeat: int = typer.Option(5, help="Timed runs per implementation (median reported)."),
@@ -43,10 +81,12 @@ def bench_kernels(
     """attend() vs torch SDPA, FlexAttention and eager math: times, ratios, memory, goals."""
     from headwise.bench.report import goals, run_kernels, write_report
 
-    if repeat < 1:
-        raise typer.BadParameter("--repeat must be >= 1")
+    seqs = _check_seqs(seq)
+    int_in("--repeat", repeat, 1, MAX_REPEAT)
+    out_dir(report, "--report")
+    _check_compare(compare, threshold)
     with console.status("benchmarking") as status:
-        result = run_kernels(sorted(set(seq)), repeat, memory, progress=lambda s: status.update(f"benchmarking {s}"))
+        result = run_kernels(seqs, repeat, memory, progress=lambda s: status.update(f"benchmarking {s}"))
     result["command"] = _command()
     md, js = write_report(result, report)
     table = Table(title="goals")
@@ -60,6 +100,7 @@ def bench_kernels(
 
 
 @bench_app.command("modules")
+@reports_errors
 def bench_modules(
     repeat: int = typer.Option(5, help="Timed runs per implementation (median reported)."),
     memory: bool = typer.Option(True, help="Measure peak memory in fresh subprocesses."),
@@ -72,6 +113,9 @@ def bench_modules(
     from headwise.bench.modules import run_module_memory, run_modules, to_markdown
     from headwise.fileio import write_atomic
 
+    int_in("--repeat", repeat, 1, MAX_REPEAT)
+    out_dir(report, "--report")
+    _check_compare(compare, threshold)
     wait_for_quiet()
     info = machine_info()
     with console.status("benchmarking modules"):
@@ -88,9 +132,10 @@ def bench_modules(
 
 
 @bench_app.command("train")
+@reports_errors
 def bench_train(
-    steps: int = typer.Option(300, help="Training steps per variant."),
-    seed: int = typer.Option(0, help="Random seed (same for every variant)."),
+    steps: int = typer.Option(300, help=f"Training steps per variant, 1 to {MAX_STEPS}."),
+    seed: int = typer.Option(0, help=f"Random seed in [0, {MAX_SEED}] (same for every variant)."),
     report: Path = typer.Option(Path("benchmarks/results"), help="Directory for train.md and train.json."),
 ) -> None:
     """Train a tiny character LM on the stdlib source with each attention; compare losses."""
@@ -99,6 +144,9 @@ def bench_train(
     from headwise.bench.train import TrainConfig, to_markdown, train_all
     from headwise.fileio import write_atomic
 
+    int_in("--steps", steps, 1, MAX_STEPS)
+    int_in("--seed", seed, 0, MAX_SEED)
+    out_dir(report, "--report")
     cfg = TrainConfig(steps=steps, seed=seed)
     with console.status("training") as status:
         results = train_all(cfg, progress=lambda s: status.update(s))
@@ -111,11 +159,12 @@ def bench_train(
 
 
 @bench_app.command("components")
+@reports_errors
 def bench_components(
     seq: list[int] = typer.Option([128, 1024, 4096], "--seq", help="Sequence lengths L (repeat the option)."),
     repeat: int = typer.Option(3, help="Profiled forwards per row (averaged)."),
-    embed: int = typer.Option(512, help="Model width E."),
-    heads: int = typer.Option(8, help="Number of heads."),
+    embed: int = typer.Option(512, help=f"Model width E, 1 to {MAX_EMBED}, a multiple of --heads."),
+    heads: int = typer.Option(8, help="Number of heads, 1 to E."),
     report: Path = typer.Option(Path("benchmarks/results"), help="Directory for components.md and .json."),
 ) -> None:
     """Profiler breakdown of a MultiHeadAttention forward: projections, QK^T, mask, softmax, AV."""
@@ -123,12 +172,17 @@ def bench_components(
     from headwise.bench.harness import machine_info, wait_for_quiet
     from headwise.fileio import write_atomic
 
-    if repeat < 1:
-        raise typer.BadParameter("--repeat must be >= 1")
+    seqs = _check_seqs(seq)
+    int_in("--repeat", repeat, 1, MAX_REPEAT)
+    int_in("--embed", embed, 1, MAX_EMBED)
+    int_in("--heads", heads, 1, embed)
+    if embed % heads:
+        raise bad_argument("--embed", f"a multiple of --heads ({heads})", embed)
+    out_dir(report, "--report")
     wait_for_quiet()
     info = machine_info()
     with console.status("profiling"):
-        rows = run_components(sorted(set(seq)), repeat, embed, heads)
+        rows = run_components(seqs, repeat, embed, heads)
     command = _command()
     report.mkdir(parents=True, exist_ok=True)
     write_atomic(report / "components.md", to_markdown(rows, command, info, embed, heads, True))
@@ -138,18 +192,23 @@ def bench_components(
 
 
 @bench_app.command("analysis")
+@reports_errors
 def bench_analysis(
     suite: str = typer.Argument(..., help="timing (full MiniLM analysis, capture overhead), memory or pruning."),
-    n_texts: int = typer.Option(256, help="Real WordNet sentences for the timing suite."),
+    n_texts: int = typer.Option(256, help=f"Real WordNet sentences for the timing suite, 1 to {WORDNET_EXAMPLES}."),
     repeat: int = typer.Option(5, help="Timed runs (median reported)."),
-    length: int = typer.Option(4096, help="Tokens of the long input of the memory suite."),
+    length: int = typer.Option(4096, help=f"Tokens of the long input of the memory suite, 1 to {MAX_SEQ}."),
     report: Path = typer.Option(Path("benchmarks/results"), help="Directory for the result files."),
 ) -> None:
     """Head-analysis suites: 72-head analysis time and capture overhead, streaming-stats memory, pruning."""
     from headwise.bench.analysis import main
 
     if suite not in ("timing", "memory", "pruning"):
-        raise typer.BadParameter(f"suite: expected timing, memory or pruning, got {suite!r}")
+        raise bad_argument("suite", "timing, memory or pruning", repr(suite))
+    int_in("--n-texts", n_texts, 1, WORDNET_EXAMPLES)
+    int_in("--repeat", repeat, 1, MAX_REPEAT)
+    int_in("--length", length, 1, MAX_SEQ)
+    out_dir(report, "--report")
     main([suite, "--out", str(report), "--n-texts", str(n_texts), "--repeat", str(repeat), "--length", str(length)])
 
 
@@ -157,6 +216,7 @@ bench_app.command("memory")(memory_bench)
 
 
 @bench_app.command("all")
+@reports_errors
 def bench_all(
     repeat: int = typer.Option(5, help="Timed runs per figure (median reported)."),
     memory_dir: Path | None = typer.Option(
@@ -167,6 +227,13 @@ def bench_all(
     """Every suite in turn: kernels, modules, components, analysis timing (and memory with --memory-dir)."""
     import subprocess
 
+    from headwise.memory.cli import MANIFEST
+
+    # Everything checked now: the memory suite runs last, after an hour of the others.
+    int_in("--repeat", repeat, 1, MAX_REPEAT)
+    out_dir(report, "--report")
+    if memory_dir is not None:
+        in_file(in_dir(memory_dir, "--memory-dir") / MANIFEST, "--memory-dir")
     bench_kernels(DEFAULT_SEQS, repeat, True, report, None, 0.10)
     bench_modules(repeat, True, report, None, 0.10)
     bench_components([128, 1024, 4096], 3, 512, 8, report)
@@ -174,16 +241,21 @@ def bench_all(
     if memory_dir is not None:
         # A subprocess: the memory command records its own command line from its context.
         cmd = [sys.executable, "-m", "headwise.cli", "memory", "bench", "--dir", str(memory_dir)]
-        subprocess.run([*cmd, "--out", str(report / "memory_latency")], check=True)
+        done = subprocess.run([*cmd, "--out", str(report / "memory_latency")])
+        if done.returncode:  # its own one-line error is already on stderr
+            raise typer.Exit(done.returncode)
 
 
 @bench_app.command("compare")
+@reports_errors
 def bench_compare(
     old: Path = typer.Argument(..., help="Earlier result JSON (benchmarks/results/*.json)."),
     new: Path = typer.Argument(..., help="Newer result JSON of the same suite."),
     threshold: float = THRESHOLD_OPTION,
 ) -> None:
     """Regression table of two result files; exits 1 when a case got slower than the threshold."""
+    _check_compare(old, threshold, "OLD")
+    _check_compare(new, threshold, "NEW")
     _maybe_compare(old, new, threshold)
 
 
@@ -194,10 +266,9 @@ def _maybe_compare(old: Path | None, new: Path, threshold: float) -> None:
     from headwise.bench.compare import compare, load_records, to_markdown
 
     rows = compare(load_records(old), load_records(new), threshold)
-    typer.echo(to_markdown(rows, str(old), str(new)))
     if not rows:
-        console.print("[red]no case in common: nothing compared[/red]")
-        raise typer.Exit(2)
+        fail(f"--compare: expected results with cases in common, got none in {old} and {new}: nothing compared")
+    typer.echo(to_markdown(rows, str(old), str(new)))
     if any(r.regressed for r in rows):
         raise typer.Exit(1)
 
@@ -207,12 +278,14 @@ def _command() -> str:
 
 
 @app.command()
+@reports_errors
 def docs(out: Path = typer.Option(Path("docs/attend.md"), help="File to (re)write.")) -> None:
     """Regenerate the backend table in docs/attend.md from the registry."""
     from headwise.docs import render_attend_doc
     from headwise.fileio import write_atomic
 
-    text = render_attend_doc(out.read_text() if out.exists() else None)
+    out_file(out)
+    text = render_attend_doc(read_text(out, "--out") if out.exists() else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, text)
     console.print(f"wrote {out}")

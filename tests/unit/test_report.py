@@ -88,7 +88,8 @@ def test_pairwise_diversity_known_answers():
     "call, match",
     [
         (lambda: sqrt_dk_scaling(quick="yes"), "quick: expected a bool"),
-        (lambda: attention_patterns(seed=-1), "seed: expected an int >= 0"),
+        (lambda: attention_patterns(seed=-1), r"seed: expected an int in \[0, 4294967295\], got -1"),
+        (lambda: attention_patterns(seed=2**64), r"seed: expected an int in \[0, 4294967295\]"),  # torch's limit
         (lambda: rounded(object()), "obj: expected JSON-like data"),
     ],
 )

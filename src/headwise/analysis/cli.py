@@ -18,11 +18,19 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from headwise.errors import HeadwiseError
+from headwise.cliutil import int_in, one_line, out_dir, read_text, reports_errors
+from headwise.errors import HeadwiseError, bad_argument
+
+# No encoder has this many layers or heads: the bound of the syntax check made before the
+# model is loaded, so that "0-2147483648" is refused instead of expanded into a huge list.
+_MAX_INDEX = 1 << 16
 
 
-def parse_indices(spec: str | None, name: str, top: int) -> list[int] | None:
+def parse_indices(spec: str | None, name: str, top: int | None) -> list[int] | None:
     """ "0,2,4-5" -> [0, 2, 4, 5] (each in [0, top)); None or "" -> None (all).
+
+    ``top=None`` checks the syntax alone (before the model, which knows the range, is
+    loaded), with indices below 65536. Ranges are checked before they are expanded.
 
     Example::
 
@@ -31,58 +39,66 @@ def parse_indices(spec: str | None, name: str, top: int) -> list[int] | None:
     """
     if spec is None or not spec.strip():
         return None
-    out: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     try:
         for part in spec.split(","):
             lo, _, hi = part.strip().partition("-")
-            out.update(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+            ranges.append((int(lo), int(hi) if hi else int(lo)))
     except ValueError:
         raise HeadwiseError(f"{name}: expected indices like '0,2,4-5', got {spec!r}") from None
-    if not out or min(out) < 0 or max(out) >= top:
-        raise HeadwiseError(f"{name}: expected indices in [0, {top}), got {spec!r}")
-    return sorted(out)
+    limit = _MAX_INDEX if top is None else top
+    if any(lo < 0 or hi < lo or hi >= limit for lo, hi in ranges):
+        raise HeadwiseError(f"{name}: expected indices (or ascending ranges) in [0, {limit}), got {spec!r}")
+    return sorted({i for lo, hi in ranges for i in range(lo, hi + 1)})
 
 
+# The widest batch the analysis takes: a batch holds the captured weights of every layer
+# until it is reduced, up to 6 x 12 x 128^2 floats (4.7 MB) per MiniLM text: ~5 GB at 1024.
+MAX_BATCH_SIZE = 1024
+
+
+@reports_errors
 def analyze(
     model: str = typer.Option("minilm", help="'minilm' (bundled all-MiniLM-L6-v2) or a local model directory."),
     text: str | None = typer.Option(None, help="One text to analyse."),
-    file: Path | None = typer.Option(None, help="A corpus: one text per non-empty line."),
+    file: Path | None = typer.Option(None, help="A corpus: one text per non-empty line (UTF-8)."),
     layers: str | None = typer.Option(None, help="Layers to keep, e.g. '0,2,4-5' (default all)."),
     heads: str | None = typer.Option(None, help="Heads to keep in every layer (default all)."),
     stats_only: bool = typer.Option(False, help="Streaming entropy / max weight only: no L x S weights kept."),
     importance: bool = typer.Option(True, help="Gradient head importance (needs 2+ texts)."),
     out: Path | None = typer.Option(None, help="Directory for analysis.json and PNG figures."),
-    batch_size: int = typer.Option(32, help="Texts per forward pass."),
+    batch_size: int = typer.Option(32, help=f"Texts per forward pass, 1 to {MAX_BATCH_SIZE}."),
 ) -> None:
     """Per-head attention metrics, [CLS] targets, diversity and importance of a transformers encoder."""
+    # Every bad input fails in one line on stderr with exit status 2 (headwise.cliutil), and
+    # is checked before the model is loaded: the texts, --batch-size, the syntax of --layers
+    # and --heads, --model and --out (the analysis may take minutes: an --out that cannot be
+    # written must not surface only after it).
+    console = Console()
+    texts = _texts(text, file)
+    int_in("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
+    # Syntax first (no model needed); the ranges once the model's config is known.
+    parse_indices(layers, "--layers", None)
+    parse_indices(heads, "--heads", None)
+    if model != "minilm" and not (Path(model) / "config.json").is_file():
+        raise bad_argument("--model", "'minilm' or a transformers model directory (with config.json)", repr(model))
+    if out is not None:
+        out_dir(out)
+
     from headwise.analysis import register
     from headwise.analysis.corpus import analyze_texts
     from headwise.pretrained import load_minilm
 
-    console = Console()
-    if (text is None) == (file is None):
-        raise typer.BadParameter("give exactly one of --text or --file")
-    if file is not None:
-        if not file.is_file():
-            raise typer.BadParameter(f"--file: expected a readable file, got {file}")
-        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise typer.BadParameter(f"--file: expected at least one non-empty line, got none in {file}")
-    else:
-        texts = [text]
     register()
-    if model == "minilm":
-        tok, net = load_minilm("headwise")
-    elif Path(model).is_dir():
-        tok, net = load_minilm("headwise", path=model)
-    else:
-        raise typer.BadParameter(f"--model: expected 'minilm' or a model directory, got {model!r}")
-    cfg = net.config
     try:
-        lay_sel = parse_indices(layers, "layers", cfg.num_hidden_layers)
-        head_sel = parse_indices(heads, "heads", cfg.num_attention_heads)
-    except HeadwiseError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        tok, net = load_minilm("headwise", path=None if model == "minilm" else model)
+    except HeadwiseError:  # already says what is wrong (the bundled model is not installed)
+        raise
+    except (OSError, ValueError, KeyError) as exc:  # transformers' ways of saying "not a model"
+        raise bad_argument("--model", "a loadable transformers encoder", f"{model!r} ({one_line(exc)[:200]})") from None
+    cfg = net.config
+    lay_sel = parse_indices(layers, "--layers", cfg.num_hidden_layers)
+    head_sel = parse_indices(heads, "--heads", cfg.num_attention_heads)
     with Progress(console=console, transient=True, disable=len(texts) <= batch_size) as bar:
         task = bar.add_task("analysing", total=None)
         res = analyze_texts(
@@ -116,6 +132,21 @@ def analyze(
         os.replace(tmp, out / "analysis.json")
         written = write_figures(res, out)
         console.print(f"wrote {out / 'analysis.json'} and {len(written)} figures to {out}")
+
+
+def _texts(text: str | None, file: Path | None) -> list[str]:
+    """The texts to analyse: --text, or the non-empty lines of the UTF-8 --file."""
+    if (text is None) == (file is None):
+        given = "both" if text is not None else "neither"
+        raise bad_argument("--text/--file", "exactly one of them", given)
+    if text is not None:
+        if not text.strip():
+            raise bad_argument("--text", "a non-empty text", repr(text))
+        return [text]
+    texts = [line.strip() for line in read_text(file, "--file").splitlines() if line.strip()]
+    if not texts:
+        raise bad_argument("--file", "at least one non-empty line", f"none in {file}")
+    return texts
 
 
 def _metrics_table(res, stats_only: bool) -> Table:

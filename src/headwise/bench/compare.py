@@ -69,17 +69,28 @@ def record_key(record: dict) -> str:
     return ", ".join(f"{k}={record[k]}" for k in sorted(record) if k not in MEASUREMENTS)
 
 
-def load_records(path: Path | str) -> dict:
-    """Read a result file written by ``headwise bench``; a HeadwiseError if it is not one."""
+def load_records(path: Path | str, name: str = "compare file") -> dict:
+    """Read a result file written by ``headwise bench``; a HeadwiseError naming ``name`` if it is not one.
+
+    Checked whole here, so that a bad file is refused before a benchmark runs rather than
+    failing in the comparison after it: a JSON object with a ``records`` list of objects,
+    each ``median_ms`` (where present) a finite number > 0 (it divides the new time).
+    """
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bytes that are not UTF-8
         raise HeadwiseError(
-            f"compare file: expected a readable JSON result of headwise bench, got {p} ({exc})"
-        ) from exc
+            f"{name}: expected a readable JSON result of headwise bench, got {p} ({type(exc).__name__})"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-        raise HeadwiseError(f"compare file: expected JSON with a 'records' list, got {p} without one")
+        raise HeadwiseError(f"{name}: expected JSON with a 'records' list, got {p} without one")
+    for i, r in enumerate(data["records"]):
+        if not isinstance(r, dict):
+            raise HeadwiseError(f"{name}: expected every record to be a JSON object, got record {i} of {p}: {r!r:.60}")
+        ms = r.get("median_ms", 1.0)
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 < ms < float("inf"):
+            raise HeadwiseError(f"{name}: expected median_ms > 0 in every record, got {ms!r:.30} in record {i} of {p}")
     return data
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import typer
 
+from headwise.cliutil import int_in, out_dir, reports_errors
 from headwise.errors import bad_argument
-from headwise.report.common import Section, check_flag, check_seed
+from headwise.report.common import MAX_SEED, Section, check_flag, check_seed
 
 
 def _experiments() -> list[tuple[str, Callable[[Path, bool, int], Section]]]:
@@ -65,7 +66,7 @@ def build_report(
 
     check_flag("quick", quick)
     check_seed(seed)
-    out = Path(out)
+    out = out_dir(Path(out), "out")  # before the experiments: the page is written last
     t0 = time.perf_counter()
     sections = []
     for label, run in _experiments():
@@ -87,14 +88,20 @@ def build_report(
     return sections, write_page(sections, meta, out), seconds
 
 
+@reports_errors
 def demo(
     out: Path = typer.Option(Path("report"), help="Directory for index.html, figures/ and data/."),
     quick: bool = typer.Option(False, help="Small sizes (for CI, under a minute)."),
-    seed: int = typer.Option(0, help="Random seed: the same seed gives the same numbers."),
+    seed: int = typer.Option(0, help=f"Random seed in [0, {MAX_SEED}]: the same seed gives the same numbers."),
 ) -> None:
     """Run the attention experiments and write an HTML report with figures and JSON."""
+    # A bad --seed or an --out that cannot be a directory fails in one line (exit status 2)
+    # before the first experiment, not after the last.
     from rich.console import Console
     from rich.table import Table
+
+    int_in("--seed", seed, 0, MAX_SEED)
+    out_dir(out)
 
     console = Console()
     with console.status("report") as status:

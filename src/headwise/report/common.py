@@ -140,9 +140,14 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+# Seeds are 32-bit: torch takes up to 2**64 - 1 but numpy's legacy seeding 2**32 - 1, and a
+# larger one used to surface as torch's RuntimeError only once an experiment had started.
+MAX_SEED = 2**32 - 1
+
+
 def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise bad_argument("seed", "an int >= 0", repr(seed))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise bad_argument("seed", f"an int in [0, {MAX_SEED}]", repr(seed))
     return seed
 
 
