@@ -21,13 +21,14 @@ import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from headwise.cliutil import fail
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.datasets import RetrievalDataset, embed_dataset, load_dataset
@@ -60,10 +61,9 @@ def _command(ctx: typer.Context) -> str:
     return " ".join(parts)
 
 
-def _fail(exc: HeadwiseError) -> None:
-    """One line on stderr and exit status 2 (never wrapped: scripts grep it)."""
-    typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
-    raise typer.Exit(2)
+def _fail(exc: HeadwiseError) -> NoReturn:
+    """One line on stderr and exit status 2 (the contract of every command, see docs/cli.md)."""
+    fail(exc)
 
 
 def _load(directory: Path) -> tuple[dict, RetrievalDataset, np.ndarray, np.ndarray]:
