@@ -116,6 +116,12 @@ def train(
             "experts": experts, "experts_per_token": experts_per_token, "capacity_factor": capacity_factor,
             "aux_weight": aux_weight, "curvature": curvature, "clip": clip}  # fmt: skip
     try:
+        for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--eval-every", eval_every),
+                            ("--patience", patience), ("--candidates", candidates)):  # fmt: skip
+            if value < 1:  # checked before anything is loaded or mined
+                raise bad_argument(flag, "an integer >= 1", value)
+        if not (lr > 0 and temperature > 0):
+            raise bad_argument("--lr/--temperature", "numbers > 0", (lr, temperature))
         names = [m for m in _methods(method) if m != "knn"]
         if name is not None and len(names) != 1:
             raise bad_argument("--name", "one --method with it", names)
