@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from headwise.cliutil import fail
+from headwise.cliutil import fail, out_dir, out_file
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.datasets import RetrievalDataset, embed_dataset, load_dataset
@@ -182,6 +182,7 @@ def build(
     """Load a dataset (built-in or your own corpus), embed it with MiniLM (cached), write the working directory."""
     try:
         t0 = time.perf_counter()
+        out_dir(out)
         if (dataset is None) == (corpus is None):
             raise bad_argument("--dataset/--corpus", "exactly one of them", f"dataset={dataset}, corpus={corpus}")
         if queries is not None and corpus is None:
@@ -361,6 +362,8 @@ def bench(
     from headwise.memory.index import INDEX_KINDS
 
     try:
+        if out is not None:
+            out_file(out.with_suffix(".md"))
         names = [m for m in _methods(method) if m != "knn"]
         kinds = [x.strip() for x in index.split(",") if x.strip()]
         if any(x not in INDEX_KINDS for x in kinds):

@@ -22,6 +22,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from headwise.cliutil import out_dir, out_file
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.cli import ADAPTER_ONLY, _command, _fail, _load, _methods, _retrievers, console, memory_app
@@ -160,6 +161,8 @@ def evaluate(
     try:
         if samples < 1:
             raise bad_argument("--samples", "an integer >= 1", samples)
+        if out is not None:  # checked before the evaluation, not after it
+            out_file(out.with_suffix(".md"))
         names = _methods(method, models or dir / "models")
         manifest, ds, docs, split_queries = _load(dir)
         query_sets: dict[str, tuple[np.ndarray, list]] = {}
@@ -248,6 +251,7 @@ def transfer_sets(
     try:
         if limit < 1 or max_senses < 1:
             raise bad_argument("--limit/--max-senses", "integers >= 1", (limit, max_senses))
+        out_dir(out)
         synsets = load_synsets()
         table = Table(title=f"transfer query sets in {out}")
         for col in ("file", "queries", "relevant per query", "sha256"):

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from headwise.cliutil import out_file
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.cli import _command, _fail, _load, console, memory_app
@@ -46,6 +47,7 @@ def feedback_sim(
     from headwise.memory.sweep import make_slice
 
     try:
+        out_file(out.with_suffix(".md"))
         counts = [int(b) for b in batches.split(",") if b.strip()]
         if method not in ("linear", "multi-head"):
             raise bad_argument("--method", "linear or multi-head", repr(method))

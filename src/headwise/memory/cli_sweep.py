@@ -18,6 +18,7 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from headwise.cliutil import out_file
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.cli import _command, _fail, _load, console, memory_app
@@ -84,6 +85,7 @@ def sweep(
     from headwise.memory.transfer import read_query_file
 
     try:
+        out_file(out.with_suffix(".md"))
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         if not seed_list:
             raise bad_argument("--seeds", "at least one integer", repr(seeds))
