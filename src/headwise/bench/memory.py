@@ -217,6 +217,9 @@ def store_latency(
     mem.candidate_ef = candidate_ef
     exact_mem = VectorMemory(docs.shape[1], metric="ip", index="flat")
     exact_mem.add(docs)
+    for enh in enhancers.values():  # a flash read-out attends over the store it serves (both hold docs)
+        if getattr(enh, "mechanism", None) == "flash":
+            enh.bind(mem)
     qs = np.ascontiguousarray(queries[:single], dtype=np.float32)
     qb = np.ascontiguousarray(queries[:batch], dtype=np.float32)
     timings = {name: Timing() for name in enhancers}

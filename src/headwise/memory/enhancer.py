@@ -17,7 +17,8 @@ cannot). The store calls ``refine(queries, cand_vectors, cand_scores)`` after a 
     (self attention; the query position's output is read);
   - ``"flash"``: a soft read-out of the whole memory: every stored vector is a key and a value,
     split into heads, and :func:`headwise.attend` streams over all N of them with the tiled
-    kernel (never an (n, N) matrix). Bind the memory with :meth:`QueryEnhancer.bind`.
+    kernel (never an (n, N) matrix). Bind the memory with :meth:`QueryEnhancer.bind`: an array,
+    or a store whose records it then follows as they are added and deleted.
 
   The attention read-out ``o`` enters through a zero-initialised projection:
   ``refined = normalize(q + W q + M o)``, so an untrained enhancer is exactly cosine kNN.
@@ -52,6 +53,7 @@ from torch.nn import functional as F
 
 from headwise.attend import attend
 from headwise.errors import HeadwiseError, bad_argument
+from headwise.memory.binding import StoreBinding, is_store
 from headwise.memory.checks import MAX_K
 from headwise.memory.serving import LinearPlan, MultiHeadPlan
 from headwise.modules import HyperbolicAttention, MoEAttention, MultiHeadAttention
@@ -325,6 +327,7 @@ class QueryEnhancer(_Enhancer):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         self._memory: Tensor | None = None
+        self._binding: StoreBinding | None = None
         if mechanism == "flash":
             self.q_proj = nn.Linear(dim, dim)
             nn.init.eye_(self.q_proj.weight)
@@ -426,11 +429,43 @@ class QueryEnhancer(_Enhancer):
         return sum((m.aux_loss for m in self.more_attn), self.attn.aux_loss)
 
     def bind(self, memory: Any) -> QueryEnhancer:
-        """Set the (N, d) stored vectors that the "flash" read-out attends over. Returns self."""
+        """Set what the "flash" read-out attends over: (N, d) vectors, or a store to follow. Returns self.
+
+        Bound to a :class:`~headwise.memory.store.VectorMemory`, the read-out attends over the
+        store's live vectors as they are at each search: records added or deleted after the
+        bind are seen (see :mod:`headwise.memory.binding`). Binding again to the same store
+        keeps what was already fetched.
+        """
         if self.mechanism != "flash":
             raise bad_argument("bind", "mechanism 'flash'", repr(self.mechanism))
+        if is_store(memory):
+            if getattr(memory, "dim", self.dim) != self.dim:
+                raise bad_argument("memory", f"a store of dim {self.dim}", f"dim {memory.dim}")
+            if self._binding is None or not self._binding.follows(memory):
+                self._binding = StoreBinding(memory)
+            self._memory = None
+            return self
         self._memory = _as_tensor(_as_array(memory, "memory", 2, self.dim))
+        self._binding = None
         return self
+
+    def attach(self, memory: Any) -> None:
+        """Called by a store that this enhancer is set on: a "flash" enhancer follows its records.
+
+        The other mechanisms read their candidates from the search and ignore it.
+        """
+        if self.mechanism == "flash":
+            self.bind(memory)
+
+    def _bound_memory(self) -> Tensor:
+        """The (N, d) vectors the flash read-out attends over now."""
+        if self._binding is not None:
+            return _as_tensor(self._binding.vectors())
+        if self._memory is None:
+            raise HeadwiseError(
+                "flash: expected a memory bound with bind(vectors) or bind(store) (a VectorMemory to follow), got none"
+            )
+        return self._memory
 
     def tokens(self, cand: Tensor, scores: Tensor) -> Tensor:
         """Candidate tokens (n, K, d): embedding + rank embedding + projected score features."""
@@ -444,9 +479,7 @@ class QueryEnhancer(_Enhancer):
     def readout(self, qa: Tensor, cand: Tensor | None, scores: Tensor | None) -> Tensor:
         """The attention read-out o (n, d) for adapted queries qa (n, d)."""
         if self.mechanism == "flash":
-            if self._memory is None:
-                raise HeadwiseError("flash: expected a memory bound with bind(vectors), got none")
-            mem = self._memory
+            mem = self._bound_memory()
             # Queries as the L axis of one batch: q (1, H, n, dh) against k = v = memory (1, H, N, dh).
             qh = rearrange(self.q_proj(qa), "n (h e) -> 1 h n e", h=self.heads)
             qh = qh * self.log_beta.exp().view(1, -1, 1, 1)

@@ -142,5 +142,8 @@ def load_saved_enhancer(memory: Any) -> Any:
     if getattr(memory, "path", None) is None:
         raise bad_argument("memory", "a VectorMemory with a directory (path=...)", "an in-memory store")
     enhancer = load_enhancer(Path(memory.path) / ENHANCER_DIR)
+    attach = getattr(enhancer, "attach", None)
+    if callable(attach):  # a flash enhancer follows this store's records (QueryEnhancer.attach)
+        attach(memory)
     memory.set_enhancer(enhancer)
     return enhancer
