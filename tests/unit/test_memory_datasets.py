@@ -97,3 +97,14 @@ def test_bad_inputs(tmp_path):
         debian(bad)
     with pytest.raises(HeadwiseError, match="relevant"):
         RetrievalDataset("x", ["d"], ["q"], [{3: 1}], split_indices(1, test=0, validation=0))
+
+
+def test_a_plain_jsonl_file_in_the_debian_format_loads_like_the_gzipped_one(tmp_path):
+    rows = [{"package": f"p{i}", "source": f"s{i // 2}", "synopsis": f"tool {i}", "description": f"does {i}"}
+            for i in range(10)]  # fmt: skip
+    plain, gz = tmp_path / "d.jsonl", tmp_path / "d.jsonl.gz"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(gz, "wt") as fh:
+        fh.write(plain.read_text())
+    a, b = load_dataset(str(plain)), load_dataset(str(gz))
+    assert a.fingerprint() == b.fingerprint() and a.documents[3] == "does 3" and a.relevant[0] == {0: 2, 1: 1}

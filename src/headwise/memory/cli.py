@@ -358,7 +358,7 @@ def bench(
         mechanism_latency,
         store_latency,
     )
-    from headwise.memory.enhancer import QueryEnhancer, load_enhancer
+    from headwise.memory.enhancer import MECHANISMS, QueryEnhancer, load_enhancer
     from headwise.memory.index import INDEX_KINDS
 
     try:
@@ -368,6 +368,9 @@ def bench(
         kinds = [x.strip() for x in index.split(",") if x.strip()]
         if any(x not in INDEX_KINDS for x in kinds):
             raise bad_argument("--index", f"comma-separated kinds from {INDEX_KINDS}", repr(index))
+        mechs = [m.strip() for m in mechanisms.split(",") if m.strip()]
+        if any(m not in MECHANISMS for m in mechs):
+            raise bad_argument("--mechanism", f"comma-separated names from {MECHANISMS}", repr(mechanisms))
         manifest, ds, docs, qemb = _load(dir)
         sub = ds.subset("test")
         enhancers = {"knn": None, **{n: load_enhancer(dir / "models" / n) for n in names}}
@@ -400,8 +403,7 @@ def bench(
     if too_big:
         console.print(f"per-mechanism latency: skipping store sizes {too_big} (the corpus has {len(docs):,} documents)")
     mech_sizes = [n for n in mech_sizes if n <= len(docs)]
-    if mech_sizes:
-        mechs = [m.strip() for m in mechanisms.split(",") if m.strip()]
+    if mech_sizes and mechs:
         with console.status("per-mechanism latency"):
             result["mechanisms"] = mechanism_latency(docs, tq, sizes=mech_sizes, mechanisms=mechs, single=queries)
     if out is not None:
@@ -460,4 +462,4 @@ def bench(
 
 
 # Registered on memory_app by import: train, eval, gate and transfer-sets live in their own modules.
-from headwise.memory import cli_eval, cli_feedback, cli_gate, cli_sweep, cli_train  # noqa: E402, F401
+from headwise.memory import cli_eval, cli_feedback, cli_gate, cli_store, cli_sweep, cli_train  # noqa: E402, F401

@@ -291,7 +291,8 @@ def debian(
     """
     path = Path(path)
     if not path.is_file():
-        raise bad_argument("path", "a gzipped JSONL Debian sample (data/debian/descriptions.jsonl.gz)", str(path))
+        raise bad_argument("path", "a JSONL or JSONL.gz file of Debian sample rows (data/debian/descriptions.jsonl.gz)",
+                           str(path))  # fmt: skip
     opener = gzip.open if path.suffix == ".gz" else open  # JSONL, gzipped or not
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
