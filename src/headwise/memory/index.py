@@ -108,6 +108,9 @@ class SlotIndex:
         self._live = _Growable(np.zeros(len(seqs), dtype=bool), dtype=bool)
         self._n_live = 0
         self._params: dict[int, faiss.SearchParameters] | None = None
+        #: Bumped by every change of the slots (add, tombstone, compact, reconcile), so that a
+        #: filter's matching slots cached for one version are never used with another.
+        self.version = 0
         self._bitmap: np.ndarray | None = None  # kept alive while faiss holds a pointer into it
         self._selector: faiss.IDSelector | None = None
         self._workspace: np.ndarray | None = None  # see reconstruct(reuse=True)
@@ -158,6 +161,7 @@ class SlotIndex:
         self._id.view[:] = np.where(live, ids[pos_c] if len(ids) else -1, -1)
         self._n_live = int(live.sum())
         self._params = None
+        self.version += 1
 
     # ------------------------------------------------------------------ writes
     def add(self, seqs: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -171,6 +175,7 @@ class SlotIndex:
         self._live.extend(np.ones(len(seqs), dtype=bool))
         self._n_live += len(seqs)
         self._params = None
+        self.version += 1
 
     def remove_seqs(self, seqs: np.ndarray) -> None:
         """Tombstone the slots of ``seqs`` (unknown seqs are ignored)."""
@@ -179,6 +184,7 @@ class SlotIndex:
         self._id.view[hit] = -1
         self._n_live -= int(hit.sum())
         self._params = None
+        self.version += 1
 
     def compact(self) -> None:
         """Rebuild the index from the live slots only (drops tombstones; rebuilds the HNSW graph)."""
@@ -192,6 +198,7 @@ class SlotIndex:
         self._seq, self._id = _Growable(), _Growable()
         self._live = _Growable(dtype=bool)
         self._n_live = 0
+        self.version += 1  # add() skips an empty batch
         self.add(seqs, ids, vectors)
 
     # ------------------------------------------------------------------ reads

@@ -3,6 +3,13 @@
 Kept apart from the store's bookkeeping (open, save, locking, writes) so that each stays short;
 the store module docstring describes the enhanced search these methods run.
 
+A metadata filter (:mod:`headwise.memory.filters`) restricts both passes of an enhanced search
+to the matching records: the final result must match, and the first pass's candidates are
+merged into it on HNSW (``merge_candidates``), so they must match too; the enhancer then
+attends over neighbours that can be returned. A filter is evaluated by SQLite once per
+distinct filter until the records change (:class:`~headwise.memory.filtered.FilterMatches`),
+and the result cache keys carry its canonical JSON.
+
 Shapes: queries (n, d); candidates (n, K) slots and (n, K, d) vectors; results (n, k).
 
 Example:
@@ -22,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
-from headwise.memory.checks import check_k, normalise_rows
+from headwise.memory.checks import check_k, check_positive_int, normalise_rows
+from headwise.memory.filtered import FilterMatches, MatchSet, search_filtered
+from headwise.memory.filters import CompiledFilter, compile_filter, matching_seqs
 
 
 class SearchPasses:
@@ -34,26 +43,74 @@ class SearchPasses:
     enhancer: Any
     cache: Any
     metrics: Any
+    _db: Any
     metric: str
     dim: int
     merge_candidates: bool
+    _filter_matches: FilterMatches
+    _exact_filter_max: int | None = None
 
     def _check_vectors(self, vectors: Any, name: str) -> np.ndarray:
         raise NotImplementedError
 
-    def _search(self, queries: Any, k: int, enhance: bool | None, op: str) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def exact_filter_max(self) -> int | None:
+        """Most matching records for which a filtered HNSW search runs exactly (None: the measured rule).
+
+        See :func:`headwise.memory.filtered.exact_limit`; 0 sends every filtered search through
+        the graph (widened beam, exact fallback for short rows). Not saved; ignored by "flat".
+        """
+        return self._exact_filter_max
+
+    @exact_filter_max.setter
+    def exact_filter_max(self, value: int | None) -> None:
+        if value is not None:
+            check_positive_int("exact_filter_max", value, minimum=0)
+        with self._lock:
+            self._exact_filter_max = None if value is None else int(value)
+            self.cache.clear()
+
+    def _contents_changed(self) -> None:
+        """Forget what depends on the records: cached results and filter matches."""
+        self.cache.clear()
+        self._filter_matches.clear()
+
+    def _match(self, flt: CompiledFilter | None) -> MatchSet | None:
+        """The records ``flt`` matches, bound to the current index (None: no filter). Under the lock."""
+        if flt is None:
+            return None
+        match = self._filter_matches.get(flt.key)
+        if match is None:
+            match = MatchSet(matching_seqs(self._db, flt))
+            self._filter_matches.put(flt.key, match)
+        return match.bind(self._index)
+
+    def _find(
+        self, q: np.ndarray, k: int, match: MatchSet | None, ef: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One index search, restricted to ``match`` when there is a filter: (scores, ids, slots) (n, k)."""
+        if match is None:
+            return self._index.search(q, k, ef=ef)
+        return search_filtered(self._index, q, k, match, ef=ef, exact_max=self._exact_filter_max)
+
+    def _search(
+        self, queries: Any, k: int, enhance: bool | None, op: str, where: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         start = time.perf_counter()
         k = check_k(k)
+        flt = None if where is None else compile_filter(where)
         with self._lock:
             use = self._use_enhancer(enhance)
             q = self._check_vectors(queries, "queries")
             n = len(q)
+            match = self._match(flt)
             if not self.cache.max_size:  # no cache: no per-row bookkeeping
-                scores, ids = self._search_rows(q, k, use)
+                scores, ids = self._search_rows(q, k, use, match)
             else:
                 scores = np.full((n, k), -np.inf, dtype=np.float32)
                 ids = np.full((n, k), -1, dtype=np.int64)
-                keys = [(row.tobytes(), k, use) for row in q]
+                fkey = None if flt is None else flt.key
+                keys = [(row.tobytes(), k, use, fkey) for row in q]
                 todo = []
                 for i in range(n):
                     hit = self.cache.get(keys[i])
@@ -63,27 +120,32 @@ class SearchPasses:
                         scores[i], ids[i] = hit
                 if todo:
                     rows = np.asarray(todo)
-                    s, i_ = self._search_rows(q[rows], k, use)
+                    s, i_ = self._search_rows(q[rows], k, use, match)
                     scores[rows], ids[rows] = s, i_
                     for j, r in enumerate(todo):
                         self.cache.put(keys[r], (s[j].copy(), i_[j].copy()))
             self.metrics.record(op, time.perf_counter() - start, n)
             return scores, ids
 
-    def _search_rows(self, q: np.ndarray, k: int, use_enhancer: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids (n, k) of checked queries, by the enhanced two-pass search or one pass."""
-        # faiss works with at most the live count (its heaps and HNSW beams grow with k); the
-        # result is padded to k (bounded by MAX_K) like faiss's own.
-        k_eff = max(1, min(k, self._index.n_live))
+    def _search_rows(
+        self, q: np.ndarray, k: int, use_enhancer: bool, match: MatchSet | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids (n, k) of checked queries, by the enhanced two-pass search or one pass.
+
+        ``match``: the records a filter matched (both passes stay inside them), None for all.
+        """
+        # faiss works with at most the live (or matching) count (its heaps and HNSW beams grow
+        # with k); the result is padded to k (bounded by MAX_K) like faiss's own.
+        k_eff = max(1, min(k, self._index.n_live if match is None else match.count))
         if k_eff < k:
-            scores, ids = self._search_rows(q, k_eff, use_enhancer)
+            scores, ids = self._search_rows(q, k_eff, use_enhancer, match)
             pad = ((0, 0), (0, k - k_eff))
             return np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
         if not use_enhancer:
-            return self._index.search(q, k)[:2]
-        refined, first = self._second_pass_inputs(q)
+            return self._find(q, k, match)[:2]
+        refined, first = self._second_pass_inputs(q, match)
         with self.metrics.timer("second_pass", len(q)):
-            found = self._index.search(refined, k)
+            found = self._find(refined, k, match)
         if first is not None and self._index.is_hnsw and self.merge_candidates:
             with self.metrics.timer("merge", len(q)):
                 found = self._index.merge(refined, found, *first, k)
@@ -96,9 +158,12 @@ class SearchPasses:
             raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
         return bool(enhance)
 
-    def _second_pass_inputs(self, q: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    def _second_pass_inputs(
+        self, q: np.ndarray, match: MatchSet | None = None
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
         """The second pass's queries (q refined by the enhancer from its first-pass top-K), and that
         top-K as (slots (n, K), vectors (n, K, d)), or None when the enhancer takes no candidates.
+        ``match``: a filter's records, the only candidates (None: every record).
 
         Rows with fewer than K candidates (HNSW may return fewer) repeat their last one, so the
         enhancer never sees padding; rows with none keep their query and have slots -1.
@@ -106,12 +171,12 @@ class SearchPasses:
         enh = self.enhancer
         if not getattr(enh, "uses_candidates", True):
             return self._refine(q, None, None), None
-        big_k = min(int(enh.candidates), self._index.n_live)
+        big_k = min(int(enh.candidates), self._index.n_live if match is None else match.count)
         if big_k == 0:
             return q, None
         with self.metrics.timer("first_pass", len(q)):
             first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
-            s1, _, slots = self._index.search(first, big_k, ef=self._candidate_ef)
+            s1, _, slots = self._find(first, big_k, match, ef=self._candidate_ef)
         if slots.min() >= 0:  # the common case: K candidates in every row
             vectors = self._gather(slots)
             return self._refine(q, vectors, s1), (slots, vectors)

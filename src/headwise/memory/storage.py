@@ -212,25 +212,10 @@ class Storage:
 
         ``metadata`` is already JSON text. Raises HeadwiseError (nothing written) when an id exists.
         """
-        n = len(ids)
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            cfg = dict(conn.execute("SELECT key, value FROM config WHERE key IN ('next_id', 'next_seq')").fetchall())
-            seq0 = int(cfg["next_seq"])
-            seqs = np.arange(seq0, seq0 + n, dtype=np.int64)
-            blobs = [vectors[j].tobytes() for j in range(n)]
-            rows = (
-                (int(i), int(s), blobs[j], metadata[j], texts[j], record_checksum(blobs[j], metadata[j], texts[j]))
-                for j, (i, s) in enumerate(zip(ids, seqs))
-            )
-            conn.executemany(
-                "INSERT INTO records(id, seq, vector, metadata, text, checksum) VALUES (?, ?, ?, ?, ?, ?)", rows
-            )
-            next_id = max(int(cfg["next_id"]), int(ids.max()) + 1) if n else int(cfg["next_id"])
-            conn.executemany(
-                "UPDATE config SET value = ? WHERE key = ?", [(str(next_id), "next_id"), (str(seq0 + n), "next_seq")]
-            )
+            seqs = write_rows(conn, ids, vectors, metadata, texts)
             conn.execute("COMMIT")
         except sqlite3.IntegrityError as exc:
             conn.execute("ROLLBACK")
@@ -397,6 +382,31 @@ class Storage:
             if f.exists():
                 total += f.stat().st_size
         return total
+
+
+def write_rows(
+    conn: sqlite3.Connection,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    metadata: Sequence[str | None],
+    texts: Sequence[str | None],
+) -> np.ndarray:
+    """Insert records with fresh seqs and checksums, inside the caller's transaction; returns the seqs (n,) int64."""
+    n = len(ids)
+    cfg = dict(conn.execute("SELECT key, value FROM config WHERE key IN ('next_id', 'next_seq')").fetchall())
+    seq0 = int(cfg["next_seq"])
+    seqs = np.arange(seq0, seq0 + n, dtype=np.int64)
+    blobs = [vectors[j].tobytes() for j in range(n)]
+    rows = (
+        (int(i), int(s), blobs[j], metadata[j], texts[j], record_checksum(blobs[j], metadata[j], texts[j]))
+        for j, (i, s) in enumerate(zip(ids, seqs))
+    )
+    conn.executemany("INSERT INTO records(id, seq, vector, metadata, text, checksum) VALUES (?, ?, ?, ?, ?, ?)", rows)
+    next_id = max(int(cfg["next_id"]), int(ids.max()) + 1) if n else int(cfg["next_id"])
+    conn.executemany(
+        "UPDATE config SET value = ? WHERE key = ?", [(str(next_id), "next_id"), (str(seq0 + n), "next_seq")]
+    )
+    return seqs
 
 
 def _unpack(rows: list[tuple[Any, ...]], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

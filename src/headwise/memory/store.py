@@ -42,6 +42,11 @@ inputs, while the second pass returns the answer. The first pass searches with
 finds better candidates than the raw one), else with q; an enhancer whose
 ``uses_candidates`` is False gets no first pass at all.
 
+Filters and updates. ``search(q, k, filter={"lang": "en"})`` returns the top-k among the
+records whose metadata match a Mongo-style filter (:mod:`headwise.memory.filters`, searched as
+:mod:`headwise.memory.filtered` describes); ``index_field`` indexes a field for them.
+``upsert`` and ``update_metadata`` (:mod:`headwise.memory.updates`) are single transactions, like ``add``.
+
 Shapes: n queries, d = ``dim``, k results, K candidates -> scores (n, k) float32, ids (n, k) int64;
 the enhancer sees queries (n, d), candidate vectors (n, K, d), candidate scores (n, K).
 
@@ -80,6 +85,8 @@ from headwise.memory.checks import (
 )
 from headwise.memory.encoder import TextEncoder
 from headwise.memory.feedback import check_relevant, insert_feedback, read_feedback
+from headwise.memory.filtered import FilterMatches
+from headwise.memory.filters import compile_filter
 from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
 from headwise.memory.integrity import VerifyReport, verify_store
 from headwise.memory.layout import create_on_disk, open_store, read_manifest, reconcile, sha256, write_manifest
@@ -88,6 +95,7 @@ from headwise.memory.metrics import MetricsCollector
 from headwise.memory.records import Feedback, Hit, Record
 from headwise.memory.searching import SearchPasses
 from headwise.memory.storage import Storage
+from headwise.memory.updates import RecordUpdates
 
 #: Tombstone fraction of the slots above which delete() rebuilds the index in memory.
 COMPACT_AT = 0.25
@@ -95,7 +103,7 @@ COMPACT_AT = 0.25
 COMPACT_HNSW_ON_SAVE_AT = 0.10
 
 
-class VectorMemory(SearchPasses):
+class VectorMemory(RecordUpdates, SearchPasses):
     """An embedded vector store (see the module docstring for the layout and guarantees).
 
     Args:
@@ -181,6 +189,8 @@ class VectorMemory(SearchPasses):
         self._lock = threading.RLock()
         self._candidate_ef: int | None = None
         self._merge_candidates = True
+        self._filter_matches = FilterMatches()
+        self._exact_filter_max: int | None = None
 
     # ------------------------------------------------------------------ open / save / close
     @classmethod
@@ -234,7 +244,7 @@ class VectorMemory(SearchPasses):
             self._db.end_snapshot()
             self._db.begin_snapshot()
             reconcile(self._index, self._db)
-            self.cache.clear()
+            self._contents_changed()
 
     def save(self) -> None:
         """Write the faiss index and the manifest so that ``open`` need not rebuild (see the module docstring).
@@ -372,7 +382,7 @@ class VectorMemory(SearchPasses):
             if n:
                 seqs = self._db.insert(id_arr, x, meta, txt)
                 self._index.add(seqs, id_arr, x)
-                self.cache.clear()
+                self._contents_changed()
             self.metrics.record("add", time.perf_counter() - start, n)
             return id_arr
 
@@ -392,10 +402,13 @@ class VectorMemory(SearchPasses):
             seqs = self._db.delete(id_arr) if len(id_arr) else np.empty(0, dtype=np.int64)
             if len(seqs):
                 self._index.remove_seqs(seqs)
-                self.cache.clear()
-                if self._index.n_slots - self._index.n_live > COMPACT_AT * self._index.n_slots:
-                    self._index.compact()
+                self._contents_changed()
+                self._compact_if_needed()
             return len(seqs)
+
+    def _compact_if_needed(self) -> None:
+        if self._index.n_slots - self._index.n_live > COMPACT_AT * self._index.n_slots:
+            self._index.compact()
 
     def set_enhancer(self, enhancer: Any) -> None:
         """Use ``enhancer`` (``candidates: int`` and ``refine(queries, cand_vectors, cand_scores)``) or None."""
@@ -435,37 +448,49 @@ class VectorMemory(SearchPasses):
             return read_feedback(self._db.conn, self.dim, str(self.path or "memory"))
 
     # ------------------------------------------------------------------ reads
-    def search(self, queries: Any, k: int, *, enhance: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: Any, k: int, *, enhance: bool | None = None, filter: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of ``queries`` (n, d) or (d,): scores (n, k) float32 and ids (n, k) int64, -inf/-1 padded.
 
         ``enhance``: None uses the enhancer when one is set; True requires one; False never uses it.
+        ``filter``: only records whose metadata match it (:mod:`headwise.memory.filters`); every
+        row has min(k, matching records) results, also on HNSW.
         Rows already answered are served by the result cache (when ``cache_size > 0``).
         """
-        return self._search(queries, k, enhance, "search")
+        return self._search(queries, k, enhance, "search", filter)
 
-    def search_batch(self, queries: Any, k: int, *, enhance: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_batch(
+        self, queries: Any, k: int, *, enhance: bool | None = None, filter: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`search` for a 2-d batch: one faiss call and one enhancer call for all uncached rows."""
         if np.ndim(queries) != 2:
             raise bad_argument("queries", "a 2-d array (n, d)", f"shape {np.shape(queries)}")
-        return self._search(queries, k, enhance, "search_batch")
+        return self._search(queries, k, enhance, "search_batch", filter)
 
-    def refine_queries(self, queries: Any) -> np.ndarray:
+    def refine_queries(self, queries: Any, *, filter: dict[str, Any] | None = None) -> np.ndarray:
         """The queries (n, d) that an enhanced search sends to its second pass (needs an enhancer).
 
         Inspection and evaluation: ``search(q, k)`` returns the same as
         ``search(refine_queries(q), k, enhance=False)`` on a flat index, and on HNSW when
-        ``merge_candidates`` is off (with it on, the first-pass candidates compete too).
+        ``merge_candidates`` is off (with it on, the first-pass candidates compete too); with
+        a ``filter``, the first pass searched only the matching records.
         """
+        flt = None if filter is None else compile_filter(filter)
         with self._lock:
             self._use_enhancer(True)
-            return self._second_pass_inputs(self._check_vectors(queries, "queries"))[0]
+            return self._second_pass_inputs(self._check_vectors(queries, "queries"), self._match(flt))[0]
 
-    def search_text(self, query: str, k: int, *, enhance: bool | None = None) -> list[Hit]:
-        """Encode ``query`` and return up to k hits (id, score, text, metadata), best first."""
+    def search_text(
+        self, query: str, k: int, *, enhance: bool | None = None, filter: dict[str, Any] | None = None
+    ) -> list[Hit]:
+        """Encode ``query`` and return up to k hits (id, score, text, metadata), best first; ``filter`` as in search."""
         encoder = self._require_encoder("search_text")
         if not isinstance(query, str):
             raise bad_argument("query", "a str", type(query).__name__)
-        scores, ids = self.search(encoder.encode([query]), k, enhance=enhance)
+        if filter is not None:
+            compile_filter(filter)  # a bad filter is refused before the encoder runs
+        scores, ids = self.search(encoder.encode([query]), k, enhance=enhance, filter=filter)
         found = ids[0][ids[0] >= 0]
         with self._lock:
             info = self._db.fetch_text_meta(found)
