@@ -107,6 +107,11 @@ def test_train_eval_search(workdir, tmp_path):
         assert 0 < data["latency"]["hnsw"][method]["recall_vs_exact"] <= 1
         assert 0 < data["latency"]["hnsw-fp16"][method]["recall_vs_exact"] <= 1
     assert "M=16, ef_search=64, first pass ef 8" in bench.with_suffix(".md").read_text()
+    # Filtered latency at the default selectivities on each index kind (#20 item 1).
+    assert [(r["index"], r["selectivity"]) for r in data["filtered"]] == [
+        (kind, s) for kind in ("flat", "hnsw", "hnsw-fp16") for s in (0.5, 0.05, 0.005)
+    ]
+    assert "Filtered search by selectivity" in bench.with_suffix(".md").read_text()
     rows = data["flash_vs_topk"]["rows"]
     assert [r["memory"] for r in rows] == [200, 800]
     # The untrained flash read-out is the identity: its second pass is exactly kNN.

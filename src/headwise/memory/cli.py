@@ -345,8 +345,12 @@ def bench(
     index: Annotated[
         str, typer.Option(help="store index kinds to time: flat, hnsw, hnsw-fp16")
     ] = "flat,hnsw,hnsw-fp16",
+    filtered: Annotated[
+        str, typer.Option(help="selectivities of the filtered-search latency ('' to skip)")
+    ] = "0.5,0.05,0.005",
 ) -> None:
     """Latency and throughput through VectorMemory (flat and HNSW), and flash vs top-K at 10k-1M vectors."""
+    from headwise.bench.filtered import filtered_latency, filtered_markdown, filtered_table, parse_selectivities
     from headwise.bench.memory import (
         BATCH_ROUNDS,
         STAGES,
@@ -371,6 +375,7 @@ def bench(
         mechs = [m.strip() for m in mechanisms.split(",") if m.strip()]
         if any(m not in MECHANISMS for m in mechs):
             raise bad_argument("--mechanism", f"comma-separated names from {MECHANISMS}", repr(mechanisms))
+        selectivities = parse_selectivities(filtered)
         manifest, ds, docs, qemb = _load(dir)
         sub = ds.subset("test")
         enhancers = {"knn": None, **{n: load_enhancer(dir / "models" / n) for n in names}}
@@ -390,6 +395,13 @@ def bench(
                 t, f"VectorMemory {kind} ({_hnsw_label(kind, hnsw_m, ef_search, candidate_ef, ef_construction)})"
             )
         )
+    hnsw_options = {"ef_search": ef_search, "hnsw_m": hnsw_m, "ef_construction": ef_construction}
+    if selectivities and kinds:
+        with console.status("filtered search"):
+            result["filtered"] = filtered_latency(
+                docs, tq, kinds=kinds, selectivities=selectivities, single=queries, batch=batch, **hnsw_options
+            )
+        console.print(filtered_table(result["filtered"]))
     size_list = [int(x) for x in sizes.split(",") if x.strip()]
     if size_list and "multi-head" in enhancers:
         flash_dir = dir / "models" / "flash"
@@ -437,6 +449,9 @@ def bench(
                          for n, r in enhanced.items()]  # fmt: skip
                 lines += markdown_table(f"{label}: one query at a time by stage (µs, median of each stage)",
                                         cols, cells)  # fmt: skip
+        if "filtered" in result:
+            label = _hnsw_label("hnsw", hnsw_m, ef_search, 0, ef_construction)
+            lines += filtered_markdown(result["filtered"], f"Filtered search by selectivity (k=10, HNSW {label})")
         if "flash_vs_topk" in result:
             cols = ["memory", "queries", "knn R@10", "top-K R@10", "flash R@10", "knn ms/q", "top-K ms/q", "flash ms/q"]
             cells = [
