@@ -245,3 +245,17 @@ def test_build_reads_a_plain_jsonl_dataset(tmp_path, monkeypatch):
 
 def test_bench_refuses_an_unknown_mechanism(tmp_path):
     refused("--mechanism: expected comma-separated names from", "bench", "--dir", tmp_path, "--mechanism", "flashy")
+
+
+def test_add_reads_npy_and_parquet_files(store, tmp_path):
+    np.save(tmp_path / "v.npy", np.random.default_rng(3).standard_normal((5, DIM)).astype(np.float32))
+    assert ok("add", store, "--file", tmp_path / "v.npy", "--json")["first_id"] == 30
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [500, 501], "vector": [[1.0] * DIM, [2.0] * DIM], "metadata": ['{"a": 1}', None]})
+    pq.write_table(table, tmp_path / "r.parquet")
+    added = ok("add", store, "--file", tmp_path / "r.parquet", "--json")
+    assert (added["first_id"], added["last_id"], added["count"]) == (500, 501, 37)
+    with VectorMemory.open(store, read_only=True) as mem:
+        assert mem.get([500])[0].metadata == {"a": 1}

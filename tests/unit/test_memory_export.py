@@ -180,6 +180,18 @@ def test_parquet_files_of_a_user(tmp_path):
     pq.write_table(pa.table({"vector": [[1.0, 0.0], [1.0]]}), tmp_path / "short.parquet")
     with pytest.raises(HeadwiseError, match="short.parquet row 2: vector: expected 2 numbers"):
         read_records(tmp_path / "short.parquet", dim=2)
+    pq.write_table(pa.table({"vector": [[1, 2], None, [3, 4]], "text": ["a", "b", "c"]}), tmp_path / "ints.parquet")
+    recs = read_records(tmp_path / "ints.parquet", dim=2)  # integers, and a row to encode from its text
+    assert recs.vectors.tolist() == [[1, 2], [0, 0], [3, 4]] and recs.missing.tolist() == [False, True, False]
+    pq.write_table(pa.table({"vector": [[1.0, 2.0], [3.0, None]]}), tmp_path / "hole.parquet")
+    with pytest.raises(HeadwiseError, match="hole.parquet row 2: vector: expected a non-empty list of numbers"):
+        read_records(tmp_path / "hole.parquet", dim=2)
+    pq.write_table(pa.table({"vector": [[1.0, float("nan")]]}), tmp_path / "nan.parquet")
+    with pytest.raises(HeadwiseError, match="nan.parquet row 1: vector: expected finite numbers"):
+        read_records(tmp_path / "nan.parquet", dim=2)
+    pq.write_table(pa.table({"vector": ["1 2"]}), tmp_path / "str.parquet")
+    with pytest.raises(HeadwiseError, match="str.parquet row 1: vector: expected a non-empty list of numbers, got str"):
+        read_records(tmp_path / "str.parquet", dim=2)
 
 
 def test_add_records_checks_everything_before_writing(tmp_path):
