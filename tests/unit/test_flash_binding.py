@@ -81,10 +81,10 @@ def test_unbound_flash_and_wrong_dims_are_clear_errors():
     mem = VectorMemory(8)
     mem.add(np.eye(8, dtype=np.float32))
     enh = QueryEnhancer(8, mechanism="flash", heads=2)
-    mem.set_enhancer(enh)
     with pytest.raises(HeadwiseError, match=r"flash: expected a memory bound with bind\(vectors\) or bind\(store\)"):
-        mem.search(np.ones(8, dtype=np.float32), 2)
+        enh.refine(np.ones((1, 8), dtype=np.float32))
     enh.attach(mem)  # what a store's set_enhancer may call: the flash enhancer follows it
+    mem.set_enhancer(enh)
     assert mem.search(np.ones(8, dtype=np.float32), 2)[1].shape == (1, 2)
     with pytest.raises(HeadwiseError, match="memory: expected a store of dim 8"):
         enh.bind(VectorMemory(4))
