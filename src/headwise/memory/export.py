@@ -230,11 +230,12 @@ def _add_exact(mem: Any, vectors: np.ndarray, ids: Any, metadata: list, texts: l
     if mem.metric != "cosine":
         return mem.add(vectors, ids=ids, metadata=metadata, texts=texts)
     dim = mem.dim
-    mem._check_vectors = lambda v, name: check_vectors(v, name, dim, "ip")  # shadows the method on this object
-    try:
-        return mem.add(vectors, ids=ids, metadata=metadata, texts=texts)
-    finally:
-        del mem._check_vectors
+    with mem._lock:  # another thread's search must not meet the unnormalising check (add takes it anyway)
+        mem._check_vectors = lambda v, name: check_vectors(v, name, dim, "ip")  # shadows the method on this object
+        try:
+            return mem.add(vectors, ids=ids, metadata=metadata, texts=texts)
+        finally:
+            del mem._check_vectors
 
 
 def add_records(
