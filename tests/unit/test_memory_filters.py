@@ -434,3 +434,24 @@ def test_filter_matches_follow_adds_deletes_and_compaction():
     mem.delete(np.arange(0, 120))  # past 25% of the slots: compacts, every slot moves
     assert matched_ids(mem, where) == set(range(120, 200, 2)) | {500}
     assert mem.verify().ok
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("index", ["flat", "hnsw-fp16"])
+def test_the_exact_path_in_blocks_equals_one_block(monkeypatch, metric, index):
+    import headwise.memory.filtered as filtered
+
+    rng = np.random.default_rng(8)
+    mem = VectorMemory(DIM, metric=metric, index=index)
+    mem.add(rng.standard_normal((400, DIM)).astype(np.float32), metadata=[{"g": i % 4} for i in range(400)])
+    q = rng.standard_normal((25, DIM)).astype(np.float32)  # a batch: the gathering path
+    where = {"g": {"$in": [1, 2]}}
+    whole = mem.search(q, 10, filter=where)
+    mem._filter_matches.clear()
+    monkeypatch.setattr(filtered, "EXACT_BLOCK_BYTES", 4 * DIM * 7)  # 7 rows a block, the last one short
+    blocked = mem.search(q, 10, filter=where)
+    np.testing.assert_array_equal(blocked[1], whole[1])
+    np.testing.assert_allclose(blocked[0], whole[0], rtol=1e-6)
+    wide = {"g": {"$ne": 3}}  # 300 matches: for one query, m * d > 4 n
+    one = mem.search(q[:1], 10, filter=wide)  # the selector scan
+    np.testing.assert_array_equal(one[1][0], mem.search(q, 10, filter=wide)[1][0])  # a batch gathers

@@ -5,11 +5,13 @@ matching records; :class:`MatchSet` turns them into the index's slots, a bitmap 
 ``IDSelectorBitmap`` (the tombstones, which no record matches, drop out with the rest).
 
 - **flat**, and **HNSW** with few matches (``m <= exact_max``, see :func:`exact_limit`; the
-  graph would visit about ``n / m`` nodes per match it finds): exact search. With the
-  selector (``SearchParameters(sel=...)``) over faiss's flat storage, which skips the other
-  slots; when the matches are very few (``m * d <= GATHER_RATIO * n``) that scan of the
-  whole bitmap costs more than gathering the m vectors and scoring them (``faiss.knn``).
-  Either way the scores are those of an unfiltered search (on "hnsw-fp16", of its codes).
+  graph would visit about ``n / m`` nodes per match it finds): exact search, one of two ways.
+  The matching vectors gathered from faiss's storage (in blocks of ``EXACT_BLOCK_BYTES``) and
+  scored by ``faiss.knn``, a matrix product for a batch; or, when that gather would cost more
+  than scanning the bitmap (``m * d > GATHER_RATIO * n * queries``: one query, many
+  matches), faiss's flat storage searched with the selector (``SearchParameters(sel=...)``),
+  which skips the other slots but scores one query at a time. Either way the scores are those
+  of an unfiltered search (on "hnsw-fp16", of its codes).
 - **HNSW** with many matches: the graph search with the selector and a beam widened to
   ``ef / s`` (``s = m / slots``, the fraction of nodes that can enter the result): faiss
   filters only the result, its beam holds matching and other nodes alike and it stops once
@@ -44,9 +46,11 @@ from headwise.memory.index import SlotIndex
 #: records match (and always up to ``EXACT_MIN``); see :func:`exact_limit` and docs/memory.md.
 EXACT_FACTOR = 1.0
 EXACT_MIN = 2_000
-#: The exact path gathers the matching vectors when ``m * d <= GATHER_RATIO * slots`` (measured:
-#: at 117k x 384 MiniLM vectors both ways cost about 0.3 ms at m = 1,000), else scans with the selector.
+#: The exact path gathers the matching vectors when ``m * d <= GATHER_RATIO * slots * queries`` (measured:
+#: one query over 117k x 384 MiniLM vectors costs about 0.3 ms both ways at m = 1,000), else scans with the selector.
 GATHER_RATIO = 4
+#: Most bytes of matching vectors the exact path gathers at a time (21,845 rows of 384 floats).
+EXACT_BLOCK_BYTES = 32 << 20
 #: Widest beam of a filtered graph search, as a fraction of the slots (past it, exact is cheaper anyway).
 MAX_EF_FRACTION = 0.5
 #: Filters whose matching seqs the store keeps (each up to 8 bytes per record).
@@ -199,11 +203,19 @@ def search_filtered(
 
 def _exact(index: SlotIndex, q: np.ndarray, k: int, match: MatchSet) -> tuple[np.ndarray, np.ndarray]:
     """Exact (scores, slots) (n, k) of ``q`` over the matching slots (m >= k), scored as the index scores them."""
-    if match.count * index.dim <= GATHER_RATIO * index.n_slots:
-        vectors = index.reconstruct(match.slots)  # float32 (hnsw-fp16: the half-precision codes, widened)
+    if match.count * index.dim <= GATHER_RATIO * index.n_slots * len(q):
         metric = faiss.METRIC_L2 if index.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        dist, pos = faiss.knn(q, vectors, k, metric=metric)
-        slots = match.slots[pos]
+        block = max(k, EXACT_BLOCK_BYTES // (4 * index.dim))
+        heap = faiss.ResultHeap(len(q), k, keep_max=index.metric != "l2") if match.count > block else None
+        for lo in range(0, match.count, block):
+            slots = match.slots[lo : lo + block]
+            vectors = index.reconstruct(slots)  # float32 (hnsw-fp16: the half-precision codes, widened)
+            dist, pos = faiss.knn(q, vectors, min(k, len(slots)), metric=metric)
+            if heap is None:
+                return (-dist if index.metric == "l2" else dist), slots[pos]
+            heap.add_result(dist, slots[pos])  # merges block by block into each row's top-k
+        heap.finalize()
+        dist, slots = heap.D, heap.I
     else:  # faiss's flat storage (IndexFlat, or IndexScalarQuantizer for hnsw-fp16) skips the other slots
         storage = faiss.downcast_index(index.index.storage) if index.is_hnsw else index.index
         dist, slots = storage.search(q, k, params=match.params(None))
