@@ -1,12 +1,14 @@
 """#19: a stateful fuzzer drives VectorMemory against a plain Python model of it.
 
-Hypothesis's ``RuleBasedStateMachine`` draws sequences of add / delete / search / get /
-save / close+reopen / reader refresh on flat, hnsw and hnsw-fp16 stores, and checks every
-step against a dict of id -> (vector, metadata, text): get() returns exactly the model's
-record, len() and ids() match, flat search equals exact numpy search, an HNSW search
-finds each stored vector itself, and a read-only reader agrees with the model after
-``refresh()``. CI runs ``HEADWISE_FUZZ_EXAMPLES`` (default 25) sequences per index kind; the
-longer run in docs/memory.md set it to 1000.
+Hypothesis's ``RuleBasedStateMachine`` draws sequences of add / delete / upsert /
+update_metadata / search / filtered search / get / save / close+reopen / reader refresh on
+flat, hnsw and hnsw-fp16 stores, and checks every step against a dict of id -> (vector,
+metadata, text): get() returns exactly the model's record, len() and ids() match, flat search
+equals exact numpy search, an HNSW search finds each stored vector itself, a filtered search
+returns min(k, matching) matching records (on flat, the exact top-k among them), and a
+read-only reader agrees with the model after ``refresh()`` (upsert, update_metadata and the
+filtered search since #20). CI runs ``HEADWISE_FUZZ_EXAMPLES`` (default 25) sequences per index
+kind; the longer run in docs/memory.md set it to 1000 (before #20).
 """
 
 from __future__ import annotations
@@ -81,6 +83,24 @@ class MemoryMachine(RuleBasedStateMachine):
         for i in ids:
             self.model.pop(i, None)
 
+    @rule(ids=st.lists(ids_strategy, min_size=1, max_size=4, unique=True), g=st.integers(0, 2))
+    def upsert(self, ids, g):
+        vecs = np.stack([vector_of(self.seed + j) for j in range(len(ids))])
+        self.seed += len(ids)
+        meta, texts = [{"n": i, "g": g} for i in ids], [f"u{i}" for i in ids]
+        assert self.mem.upsert(vecs, ids=ids, metadata=meta, texts=texts).tolist() == ids
+        for i, v, m, t in zip(ids, vecs, meta, texts):
+            self.model[int(i)] = (v, m, t)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), g=st.integers(0, 2), merge=st.booleans())
+    def update_metadata(self, data, g, merge):
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=3, unique=True))
+        self.mem.update_metadata(ids, [{"g": g}] * len(ids), merge=merge)
+        for i in ids:
+            v, m, t = self.model[i]
+            self.model[i] = (v, {**m, "g": g} if merge else {"g": g}, t)
+
     @rule()
     def save(self):
         self.mem.save()
@@ -127,6 +147,26 @@ class MemoryMachine(RuleBasedStateMachine):
                                        [exact[j] for j in ranked[: len(found)]], rtol=1e-5, atol=1e-6)  # fmt: skip
         else:
             assert found and exact_self(found, i, self.model)
+
+    @precondition(lambda self: self.model)
+    @rule(k=st.integers(min_value=1, max_value=8), g=st.integers(0, 2), which=st.integers(0, 3), data=st.data())
+    def filtered_search(self, k, g, which, data):
+        wheres = [{"g": g}, {"g": {"$ne": g}}, {"n": {"$lt": 20}}, {"$or": [{"g": g}, {"n": {"$gte": 30}}]}]
+        tests = [
+            lambda m: m.get("g") == g,
+            lambda m: m.get("g") != g,
+            lambda m: "n" in m and m["n"] < 20,
+            lambda m: m.get("g") == g or ("n" in m and m["n"] >= 30),
+        ]
+        matching = {i for i, (_, m, _) in self.model.items() if tests[which](m)}
+        q = self.model[data.draw(st.sampled_from(sorted(self.model)))][0]
+        _, ids = self.mem.search(q, k, filter=wheres[which])
+        found = [x for x in ids[0].tolist() if x >= 0]
+        assert set(found) <= matching and len(found) == len(set(found)) == min(k, len(matching))
+        if self.index_kind == "flat" and found:
+            exact = sorted((float(self.model[j][0] @ q) for j in matching), reverse=True)[: len(found)]
+            np.testing.assert_allclose(sorted((float(self.model[j][0] @ q) for j in found), reverse=True), exact,
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
 
     @invariant()
     def counts_agree(self):
