@@ -67,7 +67,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     result = run_sweep(data, rows, [0, 1], tc)
     assert [r["factor"] for r in result["rows"]] == ["default", "layers"]
     default, deeper = (r["summary"] for r in result["rows"])
-    assert deeper["parameters"] > default["parameters"] and default["latency_us"] > 0
+    assert deeper["parameters"] > default["parameters"] and 0 < default["latency_us"] <= default["latency_p90_us"]
     knn = result["baselines"]["knn"]["test"]["recall@10"]
     assert default["test recall@10"]["mean"] > knn  # the problem is learnable: a linear distortion of the docs
     assert default["test recall@10"]["std"] >= 0 and len(result["rows"][0]["runs"]) == 2

@@ -4,7 +4,8 @@ The RuVector report tells an "optimisation journey" over heads, hidden width, la
 dropout without a command behind it. :func:`run_sweep` measures that journey for real: each
 row is the default enhancer with one factor changed, trained ``seeds`` times on a slice of a
 working directory and evaluated on its in-distribution test queries and on transfer query
-sets, with the end-to-end search latency and the parameter memory of the trained model.
+sets, with the end-to-end search latency (every row's seed-0 model, timed in turns query by
+query once all are trained) and the parameter memory of the trained model.
 
 The slice (:func:`make_slice`) keeps the run inside a small machine's budget: a sample of the
 training, validation and test queries, every document relevant to a sampled or transfer query,
@@ -137,19 +138,25 @@ def evaluate_model(data: SweepSlice, model: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def latency_us(data: SweepSlice, model: Any, queries: int = 100) -> float:
-    """Median µs of one search (first pass, refine, second pass; exact flat index) over ``queries`` test queries."""
+def interleaved_latency_us(data: SweepSlice, models: list[Any], queries: int = 200) -> list[dict[str, float]]:
+    """Median and p90 µs of one search (first pass, refine, second pass; exact flat index) per model.
+
+    The models take turns query by query, so a burst of load elsewhere on the machine slows
+    every model alike instead of one row of the table.
+    """
     from headwise.memory.evaluate import enhanced_retriever
 
-    retrieve = enhanced_retriever(data.docs, model)
+    runs = [enhanced_retriever(data.docs, m) for m in models]
     q = data.eval_sets[0].queries[:queries]
-    retrieve(q[:5], 10)  # warm-up: first calls allocate
-    times = []
-    for row in q:
-        t0 = time.perf_counter()
-        retrieve(row[None], 10)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e6)
+    for run in runs:
+        run(q[:5], 10)  # warm-up: first calls allocate
+    times = np.zeros((len(runs), len(q)))
+    for j, row in enumerate(q):
+        for i, run in enumerate(runs):
+            t0 = time.perf_counter()
+            run(row[None], 10)
+            times[i, j] = time.perf_counter() - t0
+    return [{"median": float(np.median(t) * 1e6), "p90": float(np.quantile(t, 0.9) * 1e6)} for t in times]
 
 
 def train_row(
@@ -178,7 +185,7 @@ def train_row(
         "best_val_recall@10": hist.best_recall,
         "best_step": hist.best_step,
         "train_seconds": seconds,
-        "latency_us": latency_us(data, model),
+        "model": model,  # timed with the other rows' models at the end (run_sweep), then dropped
         **footprint(model),
     }
 
@@ -204,13 +211,20 @@ def run_sweep(
             runs.append(train_row(data, config, seed, train_config, adapter, cache))
             if progress:
                 progress(f"{factor}={value} seed {seed}")
-        out.append({"factor": factor, "value": value, "config": config.kwargs(), "runs": runs,
-                    "summary": summarise_runs(runs)})  # fmt: skip
+        out.append({"factor": factor, "value": value, "config": config.kwargs(), "runs": runs})
+    if progress:
+        progress("latency (rows interleaved)")
+    timing = interleaved_latency_us(data, [row["runs"][0]["model"] for row in out])
+    for row, t in zip(out, timing):
+        for run in row["runs"]:
+            run.pop("model")
+        row["latency_us"] = t
+        row["summary"] = summarise_runs(row["runs"]) | {"latency_us": t["median"], "latency_p90_us": t["p90"]}
     return {"baselines": baselines, "rows": out}
 
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample std over seeds of every metric, CV% of each, median latency, footprint."""
+    """Mean and sample std over seeds of every metric, CV% of each, mean training time, footprint."""
     summary: dict[str, Any] = {}
     for name in runs[0]["metrics"]:
         for metric in ("recall@10", "ndcg@10"):
@@ -218,7 +232,6 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
             summary[f"{name} {metric}"] = {"mean": float(vals.mean()), "std": std,
                                            "cv%": 100 * std / vals.mean() if vals.mean() else 0.0}  # fmt: skip
-    summary["latency_us"] = float(np.median([r["latency_us"] for r in runs]))
     summary["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
     for key in ("parameters", "bytes", "bytes_per_vector_at_100k"):
         summary[key] = runs[0][key]
