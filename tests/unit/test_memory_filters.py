@@ -455,3 +455,16 @@ def test_the_exact_path_in_blocks_equals_one_block(monkeypatch, metric, index):
     wide = {"g": {"$ne": 3}}  # 300 matches: for one query, m * d > 4 n
     one = mem.search(q[:1], 10, filter=wide)  # the selector scan
     np.testing.assert_array_equal(one[1][0], mem.search(q, 10, filter=wide)[1][0])  # a batch gathers
+
+
+def test_numpy_values_and_other_mappings_are_taken_as_python_values():
+    from types import MappingProxyType
+
+    mem, _ = store_with([{"a": i, "f": i % 2 == 0} for i in range(6)])
+    assert matched_ids(mem, {"a": np.int64(3)}) == {3}
+    assert matched_ids(mem, {"a": {"$gte": np.float32(4.0)}, "f": np.bool_(True)}) == {4}
+    assert matched_ids(mem, {"a": {"$in": np.array([1, 5])}}) == {1, 5}
+    assert matched_ids(mem, MappingProxyType({"a": MappingProxyType({"$lt": 2})})) == {0, 1}
+    assert compile_filter({"a": np.int64(3)}).key == compile_filter({"a": 3}).key
+    with pytest.raises(HeadwiseError, match="filter field 'a' \\$eq"):
+        compile_filter({"a": np.array([1, 2])})

@@ -6,16 +6,16 @@ boolean expression over ``json_extract(metadata, '$.field')`` with every value b
 parameter, and SQLite evaluates it to the set of matching records (a ``seq`` each). The
 search then only considers those records (:mod:`headwise.memory.filtered`).
 
-=====================================  ============================================================
-``{"lang": "en"}``                     equality (``{"lang": {"$eq": "en"}}``); values str, int, float, bool, None
-``{"lang": {"$ne": "en"}}``            not equal: also records without the field (the complement of ``$eq``)
-``{"year": {"$gte": 2000, "$lt": 2010}}``  ranges ``$gt $gte $lt $lte``: numbers only; several operators AND
-``{"tag": {"$in": ["a", "b"]}}``       one of the values; ``$nin``: none of them (also records without it)
-``{"tag": {"$exists": True}}``         the field is present (with any value, null included); False: absent
-``{"$and": [f, g]}``, ``{"$or": [f, g]}``  non-empty lists of filters; several keys in one dict AND
-``{"$not": f}``                        the complement of ``f`` (also inside a field: ``{"y": {"$not": {"$gt": 1}}}``)
-``{}``                                 every record
-=====================================  ============================================================
+- ``{"lang": "en"}``: equality (also ``{"lang": {"$eq": "en"}}``); values str, int, float, bool, None.
+- ``{"lang": {"$ne": "en"}}``: not equal, records without the field included (the complement of ``$eq``).
+- ``{"year": {"$gte": 2000, "$lt": 2010}}``: ranges ``$gt $gte $lt $lte``, numbers only; operators in one dict AND.
+- ``{"tag": {"$in": ["a", "b"]}}``: one of the values; ``$nin``: none of them (records without the field included).
+- ``{"tag": {"$exists": True}}``: the field is present (with any value, null included); ``False``: absent.
+- ``{"$and": [f, g]}``, ``{"$or": [f, g]}``: non-empty lists of filters; several keys in one dict AND.
+- ``{"$not": f}``: the complement of ``f`` (also inside a field: ``{"y": {"$not": {"$gt": 1}}}``).
+- ``{}``: every record.
+
+numpy scalars and 1-d arrays (for ``$in``) are taken as the Python values they hold.
 
 Values are typed as in JSON: a string equals only a string, a number only a number (``1 ==
 1.0``), a bool only a bool (``True`` is not ``1``), ``None`` only a JSON null. A range
@@ -106,7 +106,7 @@ def compile_filter(where: Any) -> CompiledFilter:
     sql = compiler.filter(where, 0)
     if len(compiler.params) > MAX_PARAMS:
         raise bad_argument("filter", f"at most {MAX_PARAMS} values (use $in for long lists)", len(compiler.params))
-    key = json.dumps(where, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    key = json.dumps(where, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default)
     fields = tuple(dict.fromkeys(compiler.fields))
     return CompiledFilter(sql, tuple(compiler.params), key, fields)
 
@@ -125,12 +125,28 @@ def _not(sql: str) -> str:
     return f"(NOT IFNULL({sql}, 0))"
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar or array as the Python value(s) it holds; anything else unchanged."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    """json.dumps's fallback for the checked filter's other types: mappings and numpy values."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, int | float) and not isinstance(value, np.bool_):
+    if isinstance(value, int | float):
         return "number"
     if isinstance(value, str):
         return "str"
@@ -170,6 +186,7 @@ class _Compiler:
 
     def field(self, name: str, spec: Any) -> str:
         self.fields.append(name)
+        spec = _plain(spec)
         if isinstance(spec, Mapping):
             if not spec:
                 raise bad_argument(f"filter field {name!r}", "a value or a non-empty operator dict", "{}")
@@ -178,6 +195,7 @@ class _Compiler:
 
     def operator(self, name: str, op: Any, arg: Any) -> str:
         where = f"filter field {name!r} {op}"
+        arg = _plain(arg)
         if op in ("$eq", "$ne"):
             sql = self.equal(name, self.scalar(name, op, arg))
             return sql if op == "$eq" else _not(sql)
@@ -207,6 +225,7 @@ class _Compiler:
 
     def scalar(self, name: str, op: str, value: Any) -> Any:
         """A value checked to be a JSON scalar SQLite can compare exactly."""
+        value = _plain(value)
         kind = _kind(value)
         where = f"filter field {name!r} {op}"
         if kind == "other":
