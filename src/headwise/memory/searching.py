@@ -103,9 +103,8 @@ class SearchPasses:
             use = self._use_enhancer(enhance)
             q = self._check_vectors(queries, "queries")
             n = len(q)
-            match = self._match(flt)
             if not self.cache.max_size:  # no cache: no per-row bookkeeping
-                scores, ids = self._search_rows(q, k, use, match)
+                scores, ids = self._search_rows(q, k, use, self._match(flt))
             else:
                 scores = np.full((n, k), -np.inf, dtype=np.float32)
                 ids = np.full((n, k), -1, dtype=np.int64)
@@ -120,7 +119,7 @@ class SearchPasses:
                         scores[i], ids[i] = hit
                 if todo:
                     rows = np.asarray(todo)
-                    s, i_ = self._search_rows(q[rows], k, use, match)
+                    s, i_ = self._search_rows(q[rows], k, use, self._match(flt))  # SQLite only on a miss
                     scores[rows], ids[rows] = s, i_
                     for j, r in enumerate(todo):
                         self.cache.put(keys[r], (s[j].copy(), i_[j].copy()))
