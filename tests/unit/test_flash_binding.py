@@ -110,3 +110,21 @@ def test_bench_times_the_flash_mechanism():
     rows = mechanism_latency(docs, docs[:8], sizes=(100, 250), mechanisms=("flash",), single=3, batch=6)
     assert [(r["stored"], r["method"]) for r in rows] == [(100, "none"), (100, "flash"), (250, "none"), (250, "flash")]
     assert all(r["p50_us"] > 0 for r in rows)
+
+
+def test_a_gate_forwards_attach_and_compact_is_public(tmp_path):
+    from headwise.memory.gate import GatedEnhancer
+
+    mem = VectorMemory(8, path=tmp_path / "s")
+    ids = mem.add(np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    inner = QueryEnhancer(8, heads=2, mechanism="flash")
+    calls = []
+    inner.attach = lambda store: calls.append(store)  # the gate must hand the store to its inner enhancer
+    mem.set_enhancer(GatedEnhancer(inner))
+    assert calls == [mem]
+    mem.delete(ids[:5])
+    assert mem.compact() == (20, 15) and mem._index.n_slots == 15
+    reader = VectorMemory.open(tmp_path / "s", read_only=True)
+    with pytest.raises(HeadwiseError, match="read_only"):
+        reader.compact()
+    reader.close()

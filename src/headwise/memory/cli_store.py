@@ -352,10 +352,7 @@ def import_(
 def compact(directory: StoreDir, as_json: JsonFlag = False) -> None:
     """Rebuild the index of the store in DIR without the slots of deleted records, and save it."""
     with _open(directory, writer=True) as mem:
-        index = mem._index  # no public compact(): the store compacts on its own thresholds
-        before = int(index.n_slots)
-        with mem._lock:
-            index.compact()
+        before, after = mem.compact()
         mem.save()
-        doc = {"slots_before": before, "slots_after": int(index.n_slots), "count": len(mem)}
+        doc = {"slots_before": int(before), "slots_after": int(after), "count": len(mem)}
     _emit(as_json, doc, _kv_table(f"compacted {directory}", doc))

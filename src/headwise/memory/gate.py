@@ -141,6 +141,12 @@ class GatedEnhancer(_Enhancer):
         return {"fallback": fallback, "inner": inner, "hidden": self.hidden, "initial_gate": self.initial_gate,
                 "anchors": len(self.anchors), "read_query": self.read_query}  # fmt: skip
 
+    def attach(self, memory: Any) -> None:
+        """Forwarded to the inner enhancer when a store sets this gate (a "flash" inner one follows the store)."""
+        attach = getattr(self.inner, "attach", None)
+        if callable(attach):
+            attach(memory)
+
     def first_pass_queries(self, queries: Any) -> np.ndarray:
         """What the store's first pass searches with: the inner enhancer's choice."""
         if isinstance(self.inner, QueryEnhancer):

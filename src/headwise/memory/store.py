@@ -406,12 +406,28 @@ class VectorMemory(RecordUpdates, SearchPasses):
                 self._compact_if_needed()
             return len(seqs)
 
+    def compact(self) -> tuple[int, int]:
+        """Rebuild the index without the slots of deleted records now; returns (slots before, after).
+
+        The store compacts on its own thresholds (see the module docstring); this forces it,
+        e.g. before a ``save()`` that should write the smallest index. Writers only.
+        """
+        self._require_writer("compact")
+        with self._lock:
+            before = self._index.n_slots
+            self._index.compact()
+            return before, self._index.n_slots
+
     def _compact_if_needed(self) -> None:
         if self._index.n_slots - self._index.n_live > COMPACT_AT * self._index.n_slots:
             self._index.compact()
 
     def set_enhancer(self, enhancer: Any) -> None:
-        """Use ``enhancer`` (``candidates: int`` and ``refine(queries, cand_vectors, cand_scores)``) or None."""
+        """Use ``enhancer`` (``candidates: int`` and ``refine(queries, cand_vectors, cand_scores)``) or None.
+
+        An enhancer with an ``attach(store)`` method is attached first: a "flash" QueryEnhancer
+        then reads this store's live vectors and follows every later write (headwise.memory.binding).
+        """
         if enhancer is not None:
             cands = getattr(enhancer, "candidates", None)
             if (
@@ -421,6 +437,9 @@ class VectorMemory(RecordUpdates, SearchPasses):
                 or not callable(getattr(enhancer, "refine", None))
             ):
                 raise bad_argument("enhancer", "an object with candidates: int > 0 and a refine() method", enhancer)
+            attach = getattr(enhancer, "attach", None)
+            if callable(attach):
+                attach(self)
         with self._lock:
             self.enhancer = enhancer
             self.cache.clear()
