@@ -211,3 +211,23 @@ def require_data(available: bool, what: str) -> None:
     if os.environ.get("HEADWISE_REQUIRE_DATA"):
         pytest.fail(f"{what} is missing and HEADWISE_REQUIRE_DATA is set (run: bash scripts/system-deps.sh)")
     pytest.skip(f"{what} is missing (run: bash scripts/system-deps.sh)")
+
+
+def _empty_rows(b, h, q, kv):
+    """Causal, with every fourth query position (1, 5, 9, ...) attending to nothing."""
+    return (kv <= q) & (q % 4 != 1)
+
+
+def _gradient_masks() -> dict:
+    from headwise import and_masks, causal, padding
+
+    return {
+        "none": None,
+        "causal": causal,
+        "empty_rows": _empty_rows,
+        "padding_empty_batch": and_masks(causal, padding([0, 7])),  # batch 0: no key at all
+    }
+
+
+#: The masks of the gradient oracles (statistics, lse): none, causal, empty rows, an empty batch.
+GRADIENT_MASKS = _gradient_masks()

@@ -19,18 +19,31 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
 def write_atomic(path: Path | str, data: str | bytes) -> None:
     """Write ``data`` (text as UTF-8) to ``path``, creating missing parent directories."""
+    with atomic_writer(path) as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextmanager
+def atomic_writer(path: Path | str) -> Iterator[IO[bytes]]:
+    """A binary handle whose content replaces ``path`` (parents created) only when the block completes.
+
+    For writers that stream (a Parquet or JSONL export): the same temporary file, fsync,
+    rename and directory fsync as :func:`write_atomic`; an exception leaves ``path`` untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

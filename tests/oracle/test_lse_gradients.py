@@ -12,24 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FLOORS, assert_close_to_gold, make_inputs
+from conftest import FLOORS, GRADIENT_MASKS, assert_close_to_gold, make_inputs
 from headwise import and_masks, attend, causal, padding, softcap
 from headwise.attend import make_request
 from headwise.kernels import tiled as tiled_kernel
 from headwise.kernels.tiled import tiled_attention
 
-
-def _empty_rows(b, h, q, kv):
-    """Causal, with every fourth query position (1, 5, 9, ...) attending to nothing."""
-    return (kv <= q) & (q % 4 != 1)
-
-
-MASKS = {
-    "none": None,
-    "causal": causal,
-    "empty_rows": _empty_rows,
-    "padding_empty_batch": and_masks(causal, padding([0, 7])),  # batch 0: no key at all
-}
+MASKS = GRADIENT_MASKS
 # Every code path that returns lse under autograd:
 # - "eager": the hand-written _WeightsFunction (no score, dropout or stats; the case that
 #   dropped the gradient); "eager+weights" the same with the weights returned too;

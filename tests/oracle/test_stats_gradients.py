@@ -12,24 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FLOORS, assert_close_to_gold, make_inputs
+from conftest import FLOORS, GRADIENT_MASKS, assert_close_to_gold, make_inputs
 from headwise import alibi, alibi_slopes, and_masks, attend, causal, padding, poincare, softcap
 from headwise.attend import make_request
 from headwise.kernels import tiled as tiled_kernel
 from headwise.kernels.tiled import tiled_attention
 
-
-def _empty_rows(b, h, q, kv):
-    """Causal, with every fourth query position (1, 5, 9, ...) attending to nothing."""
-    return (kv <= q) & (q % 4 != 1)
-
-
-MASKS = {
-    "none": None,
-    "causal": causal,
-    "empty_rows": _empty_rows,
-    "padding_empty_batch": and_masks(causal, padding([0, 7])),  # batch 0: no key at all
-}
+MASKS = GRADIENT_MASKS
 # "tiled": the planner's blocks; "tiled:4x4": 4 x 4 blocks (block edges, online rescaling);
 # "-online": every row on the running-maximum path; "+softcap": the generic (autograd) backward.
 BACKENDS = ["reference", "eager", "tiled", "tiled:4x4", "tiled:4x4-online", "tiled:4x4+softcap", "auto"]

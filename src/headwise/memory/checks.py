@@ -114,3 +114,14 @@ def check_vectors(vectors: Any, name: str, dim: int, metric: str) -> np.ndarray:
     if metric == "cosine":
         return normalise_rows(x, name)
     return np.ascontiguousarray(x)
+
+
+def ids_for_rows(ids: Any, n: int) -> np.ndarray:
+    """``ids`` as n unique valid ids (one per vector of a call), or a HeadwiseError naming ``ids``."""
+    id_arr = as_ids(ids, "ids")
+    if len(id_arr) != n:
+        raise bad_argument("ids", f"{n} ids (one per vector)", f"{len(id_arr)}")
+    uniq, counts = np.unique(id_arr, return_counts=True)
+    if (counts > 1).any():
+        raise bad_argument("ids", "unique ids", f"duplicates within the call: {uniq[counts > 1][:10].tolist()}")
+    return id_arr

@@ -35,18 +35,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
-from headwise.fileio import fsync_dir
+from headwise.fileio import atomic_writer
 from headwise.memory.checks import check_vectors, normalise_rows
 from headwise.memory.records_io import EXPORT_FORMAT, EXPORT_VERSION, Records, first_duplicate, read_records
 
@@ -105,7 +102,7 @@ def export_store(mem: Any, path: Path | str, *, progress: Progress | None = None
     pa = _pyarrow() if kind == "parquet" else None
     ids = store_order(mem)
     header = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "store": store_config(mem), "count": len(ids)}
-    with _atomic(path) as fh:
+    with atomic_writer(path) as fh:
         if kind == "parquet":
             _write_parquet(mem, ids, header, fh, pa, progress)
         else:
@@ -170,23 +167,6 @@ def _pyarrow() -> Any:
     except ImportError:
         raise HeadwiseError("parquet: expected pyarrow installed (pip install 'headwise[parquet]'), got none") from None
     return pyarrow
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[IO[bytes]]:
-    """A binary file handle whose content replaces ``path`` only when the block completes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------- import

@@ -82,6 +82,7 @@ from headwise.memory.checks import (
     check_positive_int,
     check_texts,
     check_vectors,
+    ids_for_rows,
 )
 from headwise.memory.encoder import TextEncoder
 from headwise.memory.feedback import check_relevant, insert_feedback, read_feedback
@@ -557,12 +558,7 @@ class VectorMemory(RecordUpdates, SearchPasses):
     def _check_new_ids(self, ids: Any, n: int) -> np.ndarray:
         if ids is None:
             return self._db.next_ids(n)
-        id_arr = as_ids(ids, "ids")
-        if len(id_arr) != n:
-            raise bad_argument("ids", f"{n} ids (one per vector)", f"{len(id_arr)}")
-        uniq, counts = np.unique(id_arr, return_counts=True)
-        if (counts > 1).any():
-            raise bad_argument("ids", "unique ids", f"duplicates within the call: {uniq[counts > 1][:10].tolist()}")
+        id_arr = ids_for_rows(ids, n)
         taken = self._db.existing(id_arr)
         if len(taken):
             raise bad_argument("ids", "ids not yet in the memory", f"already stored: {sorted(taken.tolist())[:10]}")

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
-from headwise.memory.checks import as_ids, check_metadata, check_texts
+from headwise.memory.checks import as_ids, check_metadata, check_texts, ids_for_rows
 from headwise.memory.filters import create_field_index, field_indexes
 from headwise.memory.integrity import check_row, record_checksum
 from headwise.memory.storage import Storage, _sql_errors, write_rows
@@ -78,12 +78,7 @@ class RecordUpdates:
             n = len(x)
             if ids is None:
                 raise bad_argument("ids", f"{n} ids (upsert needs ids; add() picks new ones)", None)
-            id_arr = as_ids(ids, "ids")
-            if len(id_arr) != n:
-                raise bad_argument("ids", f"{n} ids (one per vector)", f"{len(id_arr)}")
-            uniq, counts = np.unique(id_arr, return_counts=True)
-            if (counts > 1).any():
-                raise bad_argument("ids", "unique ids", f"duplicates within the call: {uniq[counts > 1][:10].tolist()}")
+            id_arr = ids_for_rows(ids, n)
             meta = check_metadata(metadata, n)
             txt = check_texts(texts, n)
             if n:
