@@ -48,5 +48,7 @@ def test_recall_improves_as_feedback_accumulates(request, tmp_path):
     assert [r["feedback"] for r in rows] == [0, 300, 1200, 2400]
     assert recall[-1] > recall[0] + 0.01  # 2,400 pairs help on queries whose synsets never arrived as feedback
     assert recall[-1] > recall[1]  # more feedback does better than the first batch
-    assert len(VectorMemory.open(tmp_path / "store").feedback()) == 2400  # every pair was committed to the store
+    memory.close()
+    with VectorMemory.open(tmp_path / "store", read_only=True) as reopened:  # every pair was committed
+        assert len(reopened.feedback()) == 2400
     print({r["feedback"]: round(r["recall@10"], 4) for r in rows})
