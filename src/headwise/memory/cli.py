@@ -126,6 +126,7 @@ def _pseudo_training_set(
     n_val: int | None = None,
     exclude: Sequence[int] = (),
     option: str = "--self-supervised",
+    style: str = "span",
 ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
     """(query embeddings, relevance, train indices, validation indices) of corpus pseudo-queries.
 
@@ -137,7 +138,7 @@ def _pseudo_training_set(
     from headwise.memory.gate import pseudo_queries
 
     n_val = max(1, n // 10) if n_val is None else n_val
-    pairs = pseudo_queries(ds.documents, n + n_val, seed=seed, exclude=exclude)
+    pairs = pseudo_queries(ds.documents, n + n_val, seed=seed, exclude=exclude, style=style)
     if len(pairs) < 2:
         raise bad_argument(option, "a corpus with documents of at least 4 words", len(pairs))
     emb = embed([t for t, _ in pairs], description=f"{ds.name}: pseudo-queries")

@@ -91,6 +91,13 @@ def train(
             "the labelled queries, validating on N/10 more; 0: off"
         ),
     ] = 0,
+    pseudo_style: Annotated[
+        str,
+        typer.Option(
+            help="pseudo-queries of --self-supervised / --pseudo-mix: span (a span of a document as its query), "
+            "lemma (a title word of the document inside a span of another document), mixed"
+        ),
+    ] = "span",
     pseudo_mix: Annotated[
         int,
         typer.Option(
@@ -148,9 +155,9 @@ def train(
         if pseudo_mix < 0 or (pseudo_mix and self_supervised):
             raise bad_argument("--pseudo-mix", "an integer >= 0, without --self-supervised", pseudo_mix)
         if self_supervised:
-            queries, relevant, train_idx, val_idx = _pseudo_training_set(ds, self_supervised, seed)
+            queries, relevant, train_idx, val_idx = _pseudo_training_set(ds, self_supervised, seed, style=pseudo_style)
         if pseudo_mix:
-            queries, relevant, train_idx, val_idx = _mixed_training_set(ds, queries, pseudo_mix, seed)
+            queries, relevant, train_idx, val_idx = _mixed_training_set(ds, queries, pseudo_mix, seed, pseudo_style)
         cfg = TrainConfig(
             steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, hard_weight=hard_weight,
             eval_every=eval_every, patience=patience, seed=seed,
@@ -272,13 +279,13 @@ def _train_from_feedback(ctx: typer.Context, store: Path, fit: Any) -> None:
     console.print(table)
 
 
-def _mixed_training_set(ds: Any, queries: Any, n: int, seed: int) -> tuple[Any, list, Any, Any]:
+def _mixed_training_set(ds: Any, queries: Any, n: int, seed: int, style: str) -> tuple[Any, list, Any, Any]:
     """Labelled train + ``n`` pseudo-queries, labelled validation + n // 10 pseudo-queries (queries, relevance,
     train indices, validation indices); no pseudo-query targets a validation or test query's document."""
     import numpy as np
 
     held = sorted({d for part in ("validation", "test") for i in ds.split[part] for d in ds.relevant[i]})
-    emb, rel, p_tr, p_va = _pseudo_training_set(ds, n, seed, exclude=held, option="--pseudo-mix")
+    emb, rel, p_tr, p_va = _pseudo_training_set(ds, n, seed, exclude=held, option="--pseudo-mix", style=style)
     tr, va = ds.split["train"], ds.split["validation"]
     all_q = np.concatenate([queries[tr], emb[p_tr], queries[va], emb[p_va]])
     relevant = [ds.relevant[i] for i in tr] + [rel[i] for i in p_tr] + [ds.relevant[i] for i in va]

@@ -29,6 +29,10 @@ Example:
     True
     >>> pseudo_queries(["dog, domestic dog: a member of the genus Canis"], 1, seed=0)[0][1]
     0
+    >>> docs = ["dog: a member of the genus Canis", "cat: a small domesticated carnivorous feline mammal"]
+    >>> text, target = pseudo_queries(docs, 1, seed=1, style="lemma")[0]
+    >>> docs[target].split(":")[0] in text.split()
+    True
 """
 
 from __future__ import annotations
@@ -51,17 +55,36 @@ SCORE_CANDIDATES = 8
 N_FAMILIARITY, FAMILIARITY_NEIGHBOURS = 2, 10
 
 
-def pseudo_queries(
-    documents: Sequence[str], n: int, *, seed: int = 0, exclude: Sequence[int] = (), min_words: int = 4
-) -> list[tuple[str, int]]:
-    """``n`` (query text, document index) pairs: a random span of a document's text as its query.
+PSEUDO_STYLES = ("span", "lemma", "mixed")
 
-    The text after a leading ``"title: "`` (WordNet's lemma list) is used, so the query does
-    not name its target; the span covers 50-100% of the words (at least ``min_words``).
+
+def pseudo_queries(
+    documents: Sequence[str],
+    n: int,
+    *,
+    seed: int = 0,
+    exclude: Sequence[int] = (),
+    min_words: int = 4,
+    style: str = "span",
+) -> list[tuple[str, int]]:
+    """``n`` (query text, document index) pairs cut from the corpus alone (no labelled query).
+
+    ``style``:
+
+    - ``"span"``: a random span of a document's text as its query. The text after a leading
+      ``"title: "`` (WordNet's lemma list) is used, so the query does not name its target; the
+      span covers 50-100% of the words (at least ``min_words``). A definition-like query.
+    - ``"lemma"``: one of the document's title words (a lemma) inserted at a random place in a
+      5-15 word span of *another* document's text: a sentence that uses the word without
+      defining it, as an example sentence does. Needs ``"title: text"`` documents.
+    - ``"mixed"``: the two alternately.
+
     Documents in ``exclude`` (for example the targets of held-out queries) are never drawn.
     """
     if n < 1:
         raise bad_argument("n", "an integer >= 1", n)
+    if style not in PSEUDO_STYLES:
+        raise bad_argument("style", f"one of {PSEUDO_STYLES}", repr(style))
     rng = np.random.default_rng(seed)
     banned = set(int(i) for i in exclude)
     pool = np.array([i for i in range(len(documents)) if i not in banned])
@@ -69,12 +92,24 @@ def pseudo_queries(
     for i in rng.permutation(pool):
         text = documents[i]
         head, sep, rest = text.partition(": ")
-        words = (rest if sep and rest else text).split()
-        if len(words) < min_words:
-            continue
-        size = max(min_words, int(np.ceil(len(words) * rng.uniform(0.5, 1.0))))
-        start = int(rng.integers(0, len(words) - size + 1))
-        out.append((" ".join(words[start : start + size]), int(i)))
+        use_lemma = style == "lemma" or (style == "mixed" and len(out) % 2 == 1)
+        if use_lemma:
+            lemmas = [w.strip() for w in head.split(",") if w.strip()] if sep else []
+            context = documents[int(rng.integers(0, len(documents)))].partition(": ")[2].split()
+            if not lemmas or len(context) < 5:
+                continue
+            size = int(rng.integers(5, 16))
+            start = int(rng.integers(0, max(1, len(context) - size + 1)))
+            words = context[start : start + size]
+            words.insert(int(rng.integers(0, len(words) + 1)), lemmas[int(rng.integers(0, len(lemmas)))])
+            out.append((" ".join(words), int(i)))
+        else:
+            words = (rest if sep and rest else text).split()
+            if len(words) < min_words:
+                continue
+            size = max(min_words, int(np.ceil(len(words) * rng.uniform(0.5, 1.0))))
+            start = int(rng.integers(0, len(words) - size + 1))
+            out.append((" ".join(words[start : start + size]), int(i)))
         if len(out) == n:
             break
     return out
