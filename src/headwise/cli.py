@@ -1,4 +1,4 @@
-"""The ``headwise`` command line: demo, analyze, memory, bench, docs.
+"""The ``headwise`` command line: demo, analyze, memory, serve, bench, docs.
 
 Every command fails the same way: one line ``error: ...`` on stderr and exit status 2, with
 its arguments checked before the work starts (headwise.cliutil; docs/cli.md lists them).
@@ -22,6 +22,7 @@ from headwise.memory.cli import bench as memory_bench
 from headwise.memory.cli import memory_app
 from headwise.report.cli import demo as report_demo
 from headwise.report.common import MAX_SEED
+from headwise.server.cli import serve
 
 # OneLineErrors: click's usage errors and any HeadwiseError that escapes a command, in every
 # subcommand (memory's too), become one line on stderr with exit status 2.
@@ -31,6 +32,7 @@ app.add_typer(bench_app, name="bench")
 app.command("demo")(report_demo)
 app.command("analyze")(analyze)
 app.add_typer(memory_app, name="memory")
+app.command("serve")(serve)
 console = Console()
 
 DEFAULT_SEQS = [512, 1024, 2048, 4096, 8192, 16384]

@@ -18,12 +18,23 @@ from headwise.memory.encoder import EmbeddingCache, MiniLMEncoder, TextEncoder
 from headwise.memory.metrics import MetricsCollector
 from headwise.memory.store import Hit, Record, VectorMemory
 
+
+def __getattr__(name: str) -> object:
+    """``RemoteMemory`` loads on first use: ``import headwise.memory`` must not import httpx."""
+    if name == "RemoteMemory":
+        from headwise.server.client import RemoteMemory
+
+        return RemoteMemory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "EmbeddingCache",
     "Hit",
     "MetricsCollector",
     "MiniLMEncoder",
     "Record",
+    "RemoteMemory",
     "ResultCache",
     "TextEncoder",
     "VectorMemory",

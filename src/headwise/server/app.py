@@ -1,0 +1,364 @@
+"""The HTTP service over one :class:`~headwise.memory.VectorMemory`: ``create_app(store, api_key=...)``.
+
+Endpoints (every one but ``/health`` needs ``Authorization: Bearer <key>`` when a key is set):
+
+- ``GET /health`` (no auth): ``{"status": "ok"}``. ``GET /count``: ``{"count": n}``.
+- ``POST /add``: JSON ``{"vectors": [[...]], "ids"?, "metadata"?, "texts"?}`` (``texts`` alone
+  are encoded by the store's encoder), or a ``.npy`` (n, d) body with ``ids``, ``metadata``,
+  ``texts`` as JSON query parameters; answers ``{"ids": [...]}``.
+- ``POST /search``: JSON ``{"query": [...] or [[...]], "k", "enhance"?, "filter"?}`` answers
+  ``{"scores", "ids"}`` (n, k) with ``null`` for a -inf score; ``{"text": "...", "k", ...}``
+  answers ``{"hits": [{"id", "score", "text", "metadata"}]}``; a ``.npy`` (d,) or (n, d) body
+  with ``k``, ``enhance``, ``filter`` (JSON) as query parameters answers an ``.npz`` holding
+  ``scores`` (n, k) float32 and ``ids`` (n, k) int64, exactly ``store.search``'s arrays.
+- ``POST /get`` ``{"ids": [...]}``: ``{"records": [{"id", "vector", "metadata", "text"} or null]}``.
+- ``POST /delete`` ``{"ids": [...]}``: ``{"deleted": n}``.
+- ``GET /metrics``: Prometheus text: requests per endpoint and status, a latency histogram per
+  endpoint, the store's size.
+
+Every error is ``{"error": {"code", "message"}}``: 400 ``bad_request`` (a HeadwiseError: the
+store's own message), 401 ``unauthorized``, 404 ``not_found``, 405 ``method_not_allowed``,
+413 ``too_large``, 500 ``internal`` (the traceback goes to the log, never to the client).
+
+Concurrency: the store work of a request runs in the threadpool (``run_in_threadpool``), so
+the event loop keeps accepting requests; searches share the store's own lock, and writes are
+serialised by one more ``threading.Lock`` so that a write's check-then-insert is never
+interleaved with another write's.
+
+Shapes: d = the store's dimension, n = queries or vectors in one request, k = results per query.
+
+Example:
+    >>> from fastapi.testclient import TestClient
+    >>> from headwise.memory import VectorMemory
+    >>> client = TestClient(create_app(VectorMemory(2, metric="ip"), api_key="s3cret"))
+    >>> auth = {"Authorization": "Bearer s3cret"}
+    >>> client.post("/add", json={"vectors": [[1, 0], [0, 1]]}, headers=auth).json()
+    {'ids': [0, 1]}
+    >>> client.post("/search", json={"query": [1, 0.5], "k": 3}, headers=auth).json()
+    {'scores': [[1.0, 0.5, None]], 'ids': [[0, 1, -1]]}
+    >>> client.get("/count").json()["error"]["code"]
+    'unauthorized'
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from headwise.errors import HeadwiseError, bad_argument
+from headwise.memory.store import VectorMemory
+
+log = logging.getLogger("headwise.server")
+
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: Upper bounds (seconds) of the latency histogram's buckets (Prometheus ``le``).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error body of the service."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 401: "unauthorized"}
+
+
+class _Metrics:
+    """Request counts per (endpoint, status) and one latency histogram per endpoint (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[tuple[str, int], int] = {}
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def record(self, endpoint: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.counts[(endpoint, status)] = self.counts.get((endpoint, status), 0) + 1
+            b = self.buckets.setdefault(endpoint, [0] * (len(LATENCY_BUCKETS) + 1))
+            for i, le in enumerate(LATENCY_BUCKETS):
+                if seconds <= le:
+                    b[i] += 1
+            b[-1] += 1  # +Inf: every request
+            self.sums[endpoint] = self.sums.get(endpoint, 0.0) + seconds
+
+    def render(self, store_size: int) -> str:
+        lines = [
+            "# HELP headwise_requests_total Requests by endpoint and status.",
+            "# TYPE headwise_requests_total counter",
+        ]
+        with self._lock:
+            for (ep, st), c in sorted(self.counts.items()):
+                lines.append(f'headwise_requests_total{{endpoint="{ep}",status="{st}"}} {c}')
+            lines += [
+                "# HELP headwise_request_seconds Request latency by endpoint.",
+                "# TYPE headwise_request_seconds histogram",
+            ]
+            for ep, b in sorted(self.buckets.items()):
+                for le, c in zip([*map(str, LATENCY_BUCKETS), "+Inf"], b):
+                    lines.append(f'headwise_request_seconds_bucket{{endpoint="{ep}",le="{le}"}} {c}')
+                lines.append(f'headwise_request_seconds_sum{{endpoint="{ep}"}} {self.sums[ep]:.6f}')
+                lines.append(f'headwise_request_seconds_count{{endpoint="{ep}"}} {b[-1]}')
+        lines += ["# HELP headwise_store_records Records in the store.", "# TYPE headwise_store_records gauge"]
+        lines.append(f"headwise_store_records {store_size}")
+        return "\n".join(lines) + "\n"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes: by Content-Length, then while reading.
+
+    The second check matters for a chunked body (no Content-Length) or a lying header: the
+    reading stops at the first chunk past the limit instead of buffering the whole upload.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"request body: expected at most {limit} bytes, got {declared}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"request body: expected at most {limit} bytes, got more")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_npy(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == NPY
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_argument("request body", "a JSON object", f"invalid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise bad_argument("request body", "a JSON object", type(value).__name__)
+    return value
+
+
+def _npy_array(body: bytes) -> np.ndarray:
+    """A .npy body as an array; never unpickles (``allow_pickle=False``) and never reads an .npz."""
+    try:
+        return np.lib.format.read_array(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise bad_argument("request body", "a .npy array (numeric, no pickles)", str(exc)) from None
+
+
+def _floats(value: Any, name: str) -> np.ndarray:
+    """A JSON list (or nested lists) as float32; the store checks the shape, NaN and Inf."""
+    if value is None or isinstance(value, (str, bool, dict)):
+        raise bad_argument(name, "a list of numbers or a list of lists of numbers", type(value).__name__)
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise bad_argument(
+            name, "a list of numbers or a list of lists of numbers (all rows of one length)", str(exc)
+        ) from None
+
+
+def _query_json(request: Request, name: str) -> Any:
+    """A query parameter holding JSON (``filter``, ``metadata``, ``ids``...), None when absent."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise bad_argument(name, "a JSON value in the query string", repr(raw[:80])) from None
+
+
+def _query_k(request: Request) -> Any:
+    raw = request.query_params.get("k")
+    if raw is None:
+        raise bad_argument("k", "a query parameter k (an integer)", "none")
+    try:
+        return int(raw)
+    except ValueError:
+        raise bad_argument("k", "an integer", repr(raw[:80])) from None
+
+
+def _query_enhance(request: Request) -> bool | None:
+    raw = request.query_params.get("enhance")
+    if raw is None or raw == "":
+        return None
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    raise bad_argument("enhance", "true or false", repr(raw[:80]))
+
+
+def _scores_json(scores: np.ndarray) -> list[list[float | None]]:
+    # JSON has no -inf: an empty slot's score is null (its id is -1).
+    return [[None if np.isneginf(s) else float(s) for s in row] for row in scores]
+
+
+def _npz(**arrays: np.ndarray) -> Response:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return Response(buf.getvalue(), media_type=NPZ)
+
+
+def create_app(
+    store: VectorMemory, *, api_key: str | None, max_body_bytes: int = DEFAULT_MAX_BODY, close_store: bool = False
+) -> Any:
+    """A FastAPI app serving ``store``; ``api_key`` None serves without auth (loopback only: the CLI's rule).
+
+    ``max_body_bytes`` bounds every request body (413 past it). ``close_store=True`` closes the
+    store when the app shuts down (what ``headwise serve`` does on SIGTERM, after uvicorn drains).
+    """
+    if api_key is not None and not api_key:
+        raise bad_argument("api_key", "a non-empty key or None", "''")
+    expected = None if api_key is None else api_key.encode()
+    write_lock = threading.Lock()
+    metrics = _Metrics()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_store:
+            store.close()
+
+    app = FastAPI(title="headwise", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def check_auth(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # compare_digest: the time taken does not tell how much of a guessed key was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise ApiError(401, "unauthorized", "Authorization: expected 'Bearer <key>' with the server's key")
+
+    async def run(fn: Callable[[], T]) -> T:
+        try:
+            return await run_in_threadpool(fn)
+        except HeadwiseError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+
+    def write(fn: Callable[[], T]) -> Callable[[], T]:
+        def locked() -> T:
+            with write_lock:
+                return fn()
+
+        return locked
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, headers)
+
+    @app.exception_handler(HeadwiseError)
+    async def _bad_request(_request: Request, exc: HeadwiseError) -> JSONResponse:
+        return error_response(400, "bad_request", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: logged with its traceback here, never sent to the client
+            log.exception("internal error on %s %s", request.method, request.url.path)
+            response = error_response(500, "internal", "internal server error (see the server's log)")
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        metrics.record(endpoint, response.status_code, time.perf_counter() - start)
+        return response
+
+    auth = [Depends(check_auth)]
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/count", dependencies=auth)
+    async def count() -> dict[str, int]:
+        return {"count": await run(lambda: len(store))}
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics_text() -> PlainTextResponse:
+        size = await run(lambda: len(store))
+        return PlainTextResponse(metrics.render(size), media_type="text/plain; version=0.0.4")
+
+    @app.post("/add", dependencies=auth)
+    async def add(request: Request) -> dict[str, list[int]]:
+        body = await _read_body(request, max_body_bytes)
+        if _is_npy(request):
+            vectors: Any = _npy_array(body)
+            ids, meta, texts = (_query_json(request, n) for n in ("ids", "metadata", "texts"))
+        else:
+            obj = _json_object(body)
+            vectors = None if obj.get("vectors") is None else _floats(obj["vectors"], "vectors")
+            ids, meta, texts = obj.get("ids"), obj.get("metadata"), obj.get("texts")
+        if vectors is None:
+            if texts is None:
+                raise bad_argument("request body", "'vectors' or 'texts'", "neither")
+            out = await run(write(lambda: store.add_texts(texts, metadata=meta, ids=ids)))
+        else:
+            out = await run(write(lambda: store.add(vectors, ids=ids, metadata=meta, texts=texts)))
+        return {"ids": [int(i) for i in out]}
+
+    @app.post("/search", dependencies=auth, response_model=None)
+    async def search(request: Request) -> Any:
+        body = await _read_body(request, max_body_bytes)
+        if _is_npy(request):
+            q = _npy_array(body)
+            k, enhance, flt = _query_k(request), _query_enhance(request), _query_json(request, "filter")
+            scores, ids = await run(lambda: store.search(q, k, enhance=enhance, filter=flt))
+            return _npz(scores=scores, ids=ids)
+        obj = _json_object(body)
+        if "k" not in obj:
+            raise bad_argument("k", "a field k (an integer)", "none")
+        k, enhance, flt = obj["k"], obj.get("enhance"), obj.get("filter")
+        if obj.get("text") is not None:
+            hits = await run(lambda: store.search_text(obj["text"], k, enhance=enhance, filter=flt))
+            return {"hits": [{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits]}
+        q = _floats(obj.get("query"), "query")
+        scores, ids = await run(lambda: store.search(q, k, enhance=enhance, filter=flt))
+        return {"scores": _scores_json(scores), "ids": ids.tolist()}
+
+    @app.post("/get", dependencies=auth)
+    async def get(request: Request) -> dict[str, list[Any]]:
+        obj = _json_object(await _read_body(request, max_body_bytes))
+        records = await run(lambda: store.get(obj.get("ids")))
+        return {
+            "records": [
+                None if r is None else {"id": r.id, "vector": r.vector.tolist(), "metadata": r.metadata, "text": r.text}
+                for r in records
+            ]
+        }
+
+    @app.post("/delete", dependencies=auth)
+    async def delete(request: Request) -> dict[str, int]:
+        obj = _json_object(await _read_body(request, max_body_bytes))
+        return {"deleted": int(await run(write(lambda: store.delete(obj.get("ids")))))}
+
+    return app
