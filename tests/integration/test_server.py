@@ -1,0 +1,345 @@
+"""``headwise serve``: the HTTP app (auth, JSON and .npy search, errors, metrics), its CLI and RemoteMemory.
+
+Most tests drive the app in process through fastapi's TestClient; the RemoteMemory and
+concurrency tests run uvicorn on a free loopback port in a thread; one test runs the real
+``headwise serve`` process and stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+pytest.importorskip("faiss")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from headwise.cli import app as cli_app  # noqa: E402
+from headwise.errors import HeadwiseError  # noqa: E402
+from headwise.memory import RemoteMemory, VectorMemory  # noqa: E402
+from headwise.server.app import NPY, create_app  # noqa: E402
+
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+DIM = 8
+
+
+def _store(n: int = 200, dim: int = DIM, seed: int = 0, path: Path | None = None) -> VectorMemory:
+    rng = np.random.default_rng(seed)
+    mem = VectorMemory(dim, metric="cosine", index="flat", path=path)
+    mem.add(rng.standard_normal((n, dim)).astype(np.float32), metadata=[{"g": i % 3, "i": i} for i in range(n)])
+    return mem
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _npz(content: bytes) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(content), allow_pickle=False) as z:
+        return z["scores"], z["ids"]
+
+
+@pytest.fixture
+def mem() -> VectorMemory:
+    return _store()
+
+
+@pytest.fixture
+def client(mem: VectorMemory) -> TestClient:
+    return TestClient(create_app(mem, api_key=KEY))
+
+
+def _code(response) -> str:  # noqa: ANN001 - an httpx.Response
+    return response.json()["error"]["code"]
+
+
+def test_auth_is_required_except_for_health(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+        for method, path in (("GET", "/count"), ("GET", "/metrics"), ("POST", "/search"), ("POST", "/delete")):
+            r = client.request(method, path, headers=headers, json={"ids": [0], "query": [1] * DIM, "k": 1})
+            assert r.status_code == 401 and _code(r) == "unauthorized", (headers, path)
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/count", headers=AUTH).json() == {"count": 200}
+
+
+def test_json_and_npy_search_return_what_the_store_returns(client: TestClient, mem: VectorMemory) -> None:
+    q = np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32)
+    for k, flt in ((10, None), (250, None), (7, {"g": 1}), (100, {"i": {"$lt": 4}})):
+        want_s, want_i = mem.search(q, k, filter=flt)
+        r = client.post("/search", json={"query": q.tolist(), "k": k, "filter": flt}, headers=AUTH)
+        body = r.json()
+        got_s = np.array([[-np.inf if s is None else s for s in row] for row in body["scores"]], dtype=np.float32)
+        np.testing.assert_array_equal(np.array(body["ids"]), want_i)
+        np.testing.assert_array_equal(got_s, want_s)
+        params = {"k": k} if flt is None else {"k": k, "filter": json.dumps(flt)}
+        r = client.post("/search", content=_npy(q), params=params, headers={**AUTH, "Content-Type": NPY})
+        got_s, got_i = _npz(r.content)
+        assert got_s.dtype == np.float32 and got_i.dtype == np.int64 and got_s.shape == (5, k)
+        np.testing.assert_array_equal(got_s, want_s)
+        np.testing.assert_array_equal(got_i, want_i)
+    one = client.post("/search", json={"query": q[0].tolist(), "k": 3}, headers=AUTH).json()
+    assert one["ids"] == mem.search(q[0], 3)[1].tolist()
+
+
+def test_add_get_delete_round_trip(client: TestClient, mem: VectorMemory) -> None:
+    v = np.random.default_rng(2).standard_normal((2, DIM)).astype(np.float32)
+    body = {"vectors": v.tolist(), "ids": [1000, 1001], "metadata": [{"tag": "a"}, None], "texts": ["x", None]}
+    assert client.post("/add", json=body, headers=AUTH).json() == {"ids": [1000, 1001]}
+    r = client.post(
+        "/add",
+        content=_npy(v * 2),
+        params={"ids": "[2000, 2001]", "metadata": '[{"tag": "b"}, 3]'},
+        headers={**AUTH, "Content-Type": NPY},
+    )
+    assert r.json() == {"ids": [2000, 2001]}
+    records = client.post("/get", json={"ids": [1000, 2001, 5]}, headers=AUTH).json()["records"]
+    assert [(r["id"], r["metadata"], r["text"]) for r in records[:2]] == [(1000, {"tag": "a"}, "x"), (2001, 3, None)]
+    assert records[2] == {
+        "id": 5,
+        "vector": mem.get([5])[0].vector.tolist(),
+        "metadata": {"g": 2, "i": 5},
+        "text": None,
+    }
+    np.testing.assert_array_equal(np.asarray(records[0]["vector"], dtype=np.float32), mem.get([1000])[0].vector)
+    found = client.post("/search", json={"query": [1.0] * DIM, "k": 3, "filter": {"tag": "b"}}, headers=AUTH).json()
+    assert found["ids"] == [[2000, -1, -1]]
+    assert client.post("/delete", json={"ids": [1000, 2000, 99999]}, headers=AUTH).json() == {"deleted": 2}
+    assert client.get("/count", headers=AUTH).json() == {"count": 202} and len(mem) == 202
+    assert client.post("/get", json={"ids": [1000]}, headers=AUTH).json() == {"records": [None]}
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"query": [1.0] * DIM, "k": 0}, "k"),
+        ({"query": [1.0] * DIM, "k": 16385}, "k"),
+        ({"query": [1.0] * (DIM + 1), "k": 3}, "got shape (9,)"),
+        ({"query": [[1.0] * DIM, [1.0]], "k": 3}, "query"),
+        ({"query": [1.0] * DIM}, "k"),
+        ({"query": [1.0] * DIM, "k": 3, "filter": {"g": {"$regex": "x"}}}, "$regex"),
+        ({"query": "abc", "k": 3}, "query"),
+        ({"text": "hello", "k": 3}, "encoder"),
+    ],
+)
+def test_bad_requests_are_400_with_the_store_message(client: TestClient, body: dict, words: str) -> None:
+    r = client.post("/search", json=body, headers=AUTH)
+    assert r.status_code == 400 and _code(r) == "bad_request"
+    assert words in r.json()["error"]["message"]
+
+
+def test_errors_are_json_with_codes(mem: VectorMemory) -> None:
+    client = TestClient(create_app(mem, api_key=KEY, max_body_bytes=4096))
+    nan = np.full((1, DIM), np.nan, dtype=np.float32)
+    r = client.post("/search", content=_npy(nan), params={"k": 3}, headers={**AUTH, "Content-Type": NPY})
+    assert r.status_code == 400 and "NaN" in r.json()["error"]["message"]
+    pickled = np.array([{"a": 1}], dtype=object)
+    buf = io.BytesIO()
+    np.save(buf, pickled, allow_pickle=True)
+    r = client.post("/search", content=buf.getvalue(), params={"k": 3}, headers={**AUTH, "Content-Type": NPY})
+    assert r.status_code == 400 and _code(r) == "bad_request"
+    r = client.post("/search", content=b"{not json", headers=AUTH)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    big = np.zeros((200, DIM), dtype=np.float32)
+    r = client.post("/add", content=_npy(big), headers={**AUTH, "Content-Type": NPY})
+    assert r.status_code == 413 and _code(r) == "too_large"
+    # no Content-Length (a chunked body): refused while reading
+    r = client.post("/add", content=iter([_npy(big)[:3000], _npy(big)[3000:]]), headers={**AUTH, "Content-Type": NPY})
+    assert r.status_code == 413 and _code(r) == "too_large" and len(mem) == 200
+    r = client.get("/nowhere", headers=AUTH)
+    assert r.status_code == 404 and _code(r) == "not_found"
+    r = client.get("/search", headers=AUTH)
+    assert r.status_code == 405 and _code(r) == "method_not_allowed"
+
+
+def test_a_bug_is_a_500_without_traceback(mem: VectorMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("secret internals /home/x.py line 3")
+
+    monkeypatch.setattr(mem, "search", broken)
+    client = TestClient(create_app(mem, api_key=KEY), raise_server_exceptions=False)
+    r = client.post("/search", json={"query": [1.0] * DIM, "k": 3}, headers=AUTH)
+    assert r.status_code == 500 and _code(r) == "internal"
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_metrics_count_requests_and_the_store(client: TestClient) -> None:
+    client.post("/search", json={"query": [1.0] * DIM, "k": 3}, headers=AUTH)
+    client.post("/search", json={"query": [1.0] * DIM, "k": 0}, headers=AUTH)
+    client.get("/count")
+    text = client.get("/metrics", headers=AUTH).text
+    assert 'headwise_requests_total{endpoint="/search",status="200"} 1' in text
+    assert 'headwise_requests_total{endpoint="/search",status="400"} 1' in text
+    assert 'headwise_requests_total{endpoint="/count",status="401"} 1' in text
+    assert 'headwise_request_seconds_bucket{endpoint="/search",le="+Inf"} 2' in text
+    assert "headwise_store_records 200" in text
+
+
+def test_serve_without_a_key_binds_only_loopback(tmp_path: Path) -> None:
+    _store(10, path=tmp_path / "mem").close()
+    runner = CliRunner()
+    r = runner.invoke(cli_app, ["serve", "--store", str(tmp_path / "mem"), "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert r.output.startswith("error: --host: expected a loopback address")
+    key = tmp_path / "key"
+    key.write_text("  \n")
+    key.chmod(0o600)
+    r = runner.invoke(
+        cli_app, ["serve", "--store", str(tmp_path / "mem"), "--host", "0.0.0.0", "--api-key-file", str(key)]
+    )
+    assert r.exit_code == 2 and "empty" in r.output and r.output.count("\n") == 1
+    key.write_text(KEY)
+    key.chmod(0o644)
+    r = runner.invoke(cli_app, ["serve", "--store", str(tmp_path / "mem"), "--api-key-file", str(key)])
+    assert r.exit_code == 2 and "world-readable" in r.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _serving(mem: VectorMemory, api_key: str | None = KEY) -> Iterator[str]:
+    """uvicorn on a free loopback port in a thread; yields its URL."""
+    import uvicorn
+
+    port = _free_port()
+    config = uvicorn.Config(create_app(mem, api_key=api_key), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_remote_memory_mirrors_the_store(mem: VectorMemory) -> None:
+    q = np.random.default_rng(3).standard_normal((4, DIM)).astype(np.float32)
+    with _serving(mem) as url, RemoteMemory(url, api_key=KEY) as remote:
+        assert len(remote) == 200
+        for args in ((q, 5), (q[0], 300), (q, 4, {"g": 2})):
+            flt = args[2] if len(args) > 2 else None
+            want, got = mem.search(args[0], args[1], filter=flt), remote.search(args[0], args[1], filter=flt)
+            for w, g in zip(want, got):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(remote.search_batch(q, 3)[1], mem.search_batch(q, 3)[1])
+        with pytest.raises(HeadwiseError, match="2-d"):
+            remote.search_batch(q[0], 3)
+        ids = remote.add(q[:2], ids=[500, 501])
+        assert ids.dtype == np.int64 and ids.tolist() == [500, 501]
+        assert remote.add(q[2:], metadata=[{"n": 1}, {"n": 2}], texts=["a", "b"]).tolist() == [502, 503]
+        recs = remote.get([500, 503, 7777])
+        assert recs[2] is None and recs[1].metadata == {"n": 2} and recs[1].text == "b"
+        np.testing.assert_array_equal(recs[0].vector, mem.get([500])[0].vector)
+        assert remote.delete([500, 501, 7777]) == 2 and len(remote) == len(mem) == 202
+        with pytest.raises(HeadwiseError, match="k: expected"):
+            remote.search(q, 0)
+        with pytest.raises(HeadwiseError, match="already stored|duplicate"):
+            remote.add(q[2], ids=[502])
+        with RemoteMemory(url, api_key="wrong") as bad, pytest.raises(HeadwiseError, match="401 unauthorized"):
+            len(bad)
+
+
+@pytest.mark.slow
+def test_concurrent_searches_are_exact_and_error_free() -> None:
+    mem = _store(20_000, dim=32, seed=4)
+    queries = np.random.default_rng(5).standard_normal((8, 200, 32)).astype(np.float32)
+    want = [[mem.search(q, 10) for q in block] for block in queries]
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> int:
+        done = 0
+        with RemoteMemory(url, api_key=KEY) as remote:
+            for i, q in enumerate(queries[t]):
+                try:
+                    scores, ids = remote.search(q, 10)
+                    np.testing.assert_array_equal(ids, want[t][i][1])
+                    np.testing.assert_array_equal(scores, want[t][i][0])
+                    done += 1
+                except BaseException as exc:  # noqa: BLE001 - every failure is counted and shown
+                    errors.append(exc)
+        return done
+
+    with _serving(mem) as url, ThreadPoolExecutor(8) as pool:
+        done = sum(pool.map(worker, range(8)))
+    assert not errors, errors[:3]
+    assert done == 8 * 200
+
+
+@pytest.mark.slow
+def test_the_real_serve_process_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    store = tmp_path / "mem"
+    _store(50, path=store).close()
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o600)
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "headwise.cli",
+        "serve",
+        "--store",
+        str(store),
+        "--port",
+        str(port),
+        "--api-key-file",
+        str(key),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        remote = RemoteMemory(f"http://127.0.0.1:{port}", api_key=KEY, timeout=5)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                n = len(remote)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.2)
+        assert n == 50
+        assert remote.add(np.ones((1, DIM), dtype=np.float32)).tolist() == [50]
+        remote.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        # uvicorn drains, runs the shutdown, then re-raises SIGTERM: -15 is its clean exit
+        assert proc.returncode in (0, -signal.SIGTERM), out
+        assert "Application shutdown complete" in out
+        assert KEY not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the lifespan closed the store: the writer lock is free and the add is durable
+    with VectorMemory.open(store, lock_timeout=1) as mem:
+        assert len(mem) == 51
