@@ -173,7 +173,8 @@ def _floats(value: Any, name: str) -> np.ndarray:
     if value is None or isinstance(value, (str, bool, dict)):
         raise bad_argument(name, "a list of numbers or a list of lists of numbers", type(value).__name__)
     try:
-        return np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore"):  # 1e40 becomes inf, which the store refuses by name
+            return np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError) as exc:
         raise bad_argument(
             name, "a list of numbers or a list of lists of numbers (all rows of one length)", str(exc)
