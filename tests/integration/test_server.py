@@ -214,6 +214,37 @@ def test_serve_without_a_key_binds_only_loopback(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "world-readable" in r.output
 
 
+class _HashEncoder:
+    """A tiny offline TextEncoder: a text's vector is seeded by its characters."""
+
+    dim = DIM
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.stack([np.random.default_rng(sum(map(ord, t))).standard_normal(DIM) for t in texts]).astype(
+            np.float32
+        )
+
+
+def test_texts_go_through_the_store_encoder() -> None:
+    mem = VectorMemory(DIM, metric="cosine", encoder=_HashEncoder())
+    client = TestClient(create_app(mem, api_key=None))  # no key: every endpoint is open (loopback only via the CLI)
+    body = {"texts": ["alpha", "beta", "gamma"], "metadata": [{"n": 0}, {"n": 1}, {"n": 2}]}
+    assert client.post("/add", json=body).json() == {"ids": [0, 1, 2]}
+    hits = client.post("/search", json={"text": "beta", "k": 2, "filter": {"n": {"$gte": 1}}}).json()["hits"]
+    want = mem.search_text("beta", 2, filter={"n": {"$gte": 1}})
+    assert hits == [{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in want]
+    assert hits[0]["text"] == "beta"
+
+
+def test_importing_headwise_does_not_import_the_server_dependencies() -> None:
+    code = (
+        "import sys, headwise, headwise.memory, headwise.cli; "
+        "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'httpx') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

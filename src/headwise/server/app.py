@@ -21,9 +21,10 @@ store's own message), 401 ``unauthorized``, 404 ``not_found``, 405 ``method_not_
 413 ``too_large``, 500 ``internal`` (the traceback goes to the log, never to the client).
 
 Concurrency: the store work of a request runs in the threadpool (``run_in_threadpool``), so
-the event loop keeps accepting requests; searches share the store's own lock, and writes are
-serialised by one more ``threading.Lock`` so that a write's check-then-insert is never
-interleaved with another write's.
+the event loop keeps accepting requests (the handlers are ``async`` only to read the body as a
+stream, which the size limit needs, and hand everything else to the pool). Searches share the
+store's own lock; writes are serialised by one more ``threading.Lock``, so a write's
+check-then-insert is never interleaved with another write's.
 
 Shapes: d = the store's dimension, n = queries or vectors in one request, k = results per query.
 
