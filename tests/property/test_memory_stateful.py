@@ -8,7 +8,7 @@ equals exact numpy search, an HNSW search finds each stored vector itself, a fil
 returns min(k, matching) matching records (on flat, the exact top-k among them), and a
 read-only reader agrees with the model after ``refresh()`` (upsert, update_metadata and the
 filtered search since #20). CI runs ``HEADWISE_FUZZ_EXAMPLES`` (default 25) sequences per index
-kind; the longer run in docs/memory.md set it to 1000 (before #20).
+kind; the longer run in docs/memory.md set it to 1000.
 """
 
 from __future__ import annotations
