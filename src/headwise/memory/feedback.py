@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +39,7 @@ import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.memory.records import Feedback
+from headwise.memory.storage import Storage, _sql_errors, write_transaction
 
 _TABLE = (
     "CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, vector BLOB NOT NULL, "
@@ -67,39 +67,22 @@ def check_relevant(relevant: Any, existing: Callable[[np.ndarray], np.ndarray]) 
     return out
 
 
-def insert_feedback(conn: sqlite3.Connection, vector: np.ndarray, text: str | None, relevant: dict[int, float]) -> int:
+@_sql_errors
+def insert_feedback(db: Storage, vector: np.ndarray, text: str | None, relevant: dict[int, float]) -> int:
     """Insert one pair in its own transaction (the table is created in it if needed); returns its id."""
-    try:
-        return _insert(conn, vector, text, relevant)
-    except sqlite3.Error as exc:
-        raise HeadwiseError(f"database: expected to record feedback, got {type(exc).__name__}: {exc}") from exc
-
-
-def _insert(conn: sqlite3.Connection, vector: np.ndarray, text: str | None, relevant: dict[int, float]) -> int:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db.conn) as conn:
         conn.execute(_TABLE)
         cur = conn.execute(
             "INSERT INTO feedback(vector, text, relevant, created) VALUES (?, ?, ?, ?)",
             (np.ascontiguousarray(vector, dtype=np.float32).tobytes(), text, json.dumps(relevant), time.time()),
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return int(cur.lastrowid)
 
 
-def read_feedback(conn: sqlite3.Connection, dim: int, where: str) -> list[Feedback]:
+@_sql_errors
+def read_feedback(db: Storage, dim: int) -> list[Feedback]:
     """Every recorded pair, oldest first (an empty list when none was ever recorded)."""
-    try:
-        return _read(conn, dim, where)
-    except sqlite3.Error as exc:
-        raise HeadwiseError(f"{where}: expected readable feedback, got {type(exc).__name__}: {exc}") from exc
-
-
-def _read(conn: sqlite3.Connection, dim: int, where: str) -> list[Feedback]:
+    conn = db.conn
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'feedback'").fetchone()
     if not exists:
         return []
@@ -107,7 +90,8 @@ def _read(conn: sqlite3.Connection, dim: int, where: str) -> list[Feedback]:
     for fid, blob, text, rel, created in conn.execute("SELECT id, vector, text, relevant, created FROM feedback"):
         vector = np.frombuffer(blob, dtype=np.float32)
         if vector.shape != (dim,):
-            raise HeadwiseError(f"{where}: expected feedback {fid} to hold a ({dim},) vector, got {vector.shape}")
+            raise HeadwiseError(f"database {db._where}: expected feedback {fid} to hold a ({dim},) vector, "
+                                f"got {vector.shape}")  # fmt: skip
         out.append(Feedback(int(fid), vector.copy(), text, {int(k): float(v) for k, v in json.loads(rel).items()},
                             float(created)))  # fmt: skip
     return out

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from headwise.errors import bad_argument
-from headwise.memory.storage import Storage, _sql_errors
+from headwise.memory.storage import Storage, _sql_errors, write_transaction
 
 #: Field names: identifiers joined by dots (nested objects).
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -307,15 +307,8 @@ def create_field_index(db: Storage, field: str) -> bool:
     check_field_name(field)
     if field in field_indexes(db):
         return False
-    conn = db.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db.conn) as conn:
         conn.execute(f"CREATE INDEX IF NOT EXISTS {_index_name(field)} ON records({field_sql(field)})")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return True
 
 

@@ -34,7 +34,8 @@ import functools
 import inspect
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,23 @@ def _checked_generator(storage: Storage, gen: Any) -> Any:
         raise HeadwiseError(f"database {storage._where}: {type(exc).__name__}: {exc}") from exc
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: one atomic write, rolled back on any exception (re-raised).
+
+    IMMEDIATE takes SQLite's write lock at the start, so a transaction never fails half-way
+    for want of it; every write of the store goes through here.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _connect(target: str) -> sqlite3.Connection:
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
     # multi-row insert is one atomic commit and nothing is committed behind our back.
@@ -111,13 +129,12 @@ class Storage:
         conn = _connect(":memory:" if path is None else str(path))
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        rows = {"next_id": "0", "next_seq": "0", **config}
-        conn.executemany("INSERT INTO config(key, value) VALUES (?, ?)", sorted(rows.items()))
-        conn.execute("COMMIT")
+        with write_transaction(conn):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            rows = {"next_id": "0", "next_seq": "0", **config}
+            conn.executemany("INSERT INTO config(key, value) VALUES (?, ?)", sorted(rows.items()))
         return cls(conn, path)
 
     @classmethod
@@ -166,19 +183,12 @@ class Storage:
     @_sql_errors
     def _add_checksums(self) -> None:
         """Upgrade schema 1 to 2: a checksum column filled for every record, in one transaction."""
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self.conn) as conn:
             conn.execute("ALTER TABLE records ADD COLUMN checksum INTEGER")
             rows = conn.execute("SELECT id, vector, metadata, text FROM records").fetchall()
             conn.executemany("UPDATE records SET checksum = ? WHERE id = ?",
                              [(record_checksum(v, m, t), i) for i, v, m, t in rows])  # fmt: skip
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -212,37 +222,22 @@ class Storage:
 
         ``metadata`` is already JSON text. Raises HeadwiseError (nothing written) when an id exists.
         """
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            seqs = write_rows(conn, ids, vectors, metadata, texts)
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError as exc:
-            conn.execute("ROLLBACK")
+            with write_transaction(self.conn) as conn:
+                return write_rows(conn, ids, vectors, metadata, texts)
+        except sqlite3.IntegrityError as exc:  # rolled back by write_transaction
             raise HeadwiseError(f"ids: expected ids not yet in the memory, got a duplicate ({exc})") from exc
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return seqs
 
     @_sql_errors
     def delete(self, ids: np.ndarray) -> np.ndarray:
         """Delete the records of ``ids`` (absent ids are ignored) in one transaction; returns their seqs."""
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self.conn) as conn:
             arg = json.dumps([int(i) for i in ids])
             seqs = [
                 r[0]
                 for r in conn.execute("SELECT seq FROM records WHERE id IN (SELECT value FROM json_each(?))", (arg,))
             ]
             conn.execute("DELETE FROM records WHERE id IN (SELECT value FROM json_each(?))", (arg,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return np.asarray(seqs, dtype=np.int64)
 
     @_sql_errors

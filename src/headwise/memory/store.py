@@ -460,12 +460,12 @@ class VectorMemory(RecordUpdates, SearchPasses):
             if len(q) != 1:
                 raise bad_argument("query", f"one query (a str or a ({self.dim},) vector)", f"{len(q)} rows")
             relevant = check_relevant(relevant_ids, self._db.existing)
-            return insert_feedback(self._db.conn, q[0], text, relevant)
+            return insert_feedback(self._db, q[0], text, relevant)
 
     def feedback(self) -> list[Feedback]:
         """Every (query, relevant ids) pair recorded with :meth:`record_feedback`, oldest first."""
         with self._lock:
-            return read_feedback(self._db.conn, self.dim, str(self.path or "memory"))
+            return read_feedback(self._db, self.dim)
 
     # ------------------------------------------------------------------ reads
     def search(

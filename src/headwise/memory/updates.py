@@ -42,7 +42,7 @@ from headwise.errors import HeadwiseError, bad_argument
 from headwise.memory.checks import as_ids, check_metadata, check_texts, ids_for_rows
 from headwise.memory.filters import create_field_index, field_indexes
 from headwise.memory.integrity import check_row, record_checksum
-from headwise.memory.storage import Storage, _sql_errors, write_rows
+from headwise.memory.storage import Storage, _sql_errors, write_rows, write_transaction
 
 
 class RecordUpdates:
@@ -142,19 +142,12 @@ def upsert_rows(
     db: Storage, ids: np.ndarray, vectors: np.ndarray, metadata: Sequence[str | None], texts: Sequence[str | None]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace or insert validated records in one transaction: (new seqs (n,), replaced seqs (m,)) int64."""
-    conn = db.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db.conn) as conn:
         old = np.asarray([r[0] for r in _select_by_ids(conn, "seq", ids)], dtype=np.int64)
         if len(old):
             conn.execute("DELETE FROM records WHERE id IN (SELECT value FROM json_each(?))",
                          (json.dumps([int(i) for i in ids]),))  # fmt: skip
         seqs = write_rows(conn, ids, vectors, metadata, texts)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return seqs, old
 
 
@@ -165,9 +158,7 @@ def update_metadata_rows(db: Storage, ids: np.ndarray, metadata: Sequence[str | 
     Each stored row is checked against its old checksum first: a corrupted record is refused
     (HeadwiseError naming it), not given a fresh checksum over its damaged bytes.
     """
-    conn = db.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db.conn) as conn:
         rows = {r[0]: r for r in _select_by_ids(conn, "id, vector, metadata, text, checksum", ids)}
         missing = [int(i) for i in ids if int(i) not in rows]
         if missing:
@@ -184,8 +175,3 @@ def update_metadata_rows(db: Storage, ids: np.ndarray, metadata: Sequence[str | 
                 new = json.dumps({**base, **json.loads(new)}, allow_nan=False)
             updates.append((new, record_checksum(vector, new, text), rid))
         conn.executemany("UPDATE records SET metadata = ?, checksum = ? WHERE id = ?", updates)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
