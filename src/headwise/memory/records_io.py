@@ -43,7 +43,7 @@ import numpy as np
 
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.memory.checks import MAX_ID
-from headwise.memory.transfer import json_field, jsonl_rows
+from headwise.memory.transfer import json_field, jsonl_rows, read_parquet
 
 #: The ``format`` of an export's header (a JSONL first line, a Parquet schema metadata key).
 EXPORT_FORMAT = "headwise.memory.export"
@@ -141,15 +141,7 @@ def _jsonl_rows(path: Path, name: str) -> tuple[list[tuple[int, dict]], dict | N
 
 def _parquet_rows(path: Path, name: str) -> tuple[list[tuple[int, dict]], dict | None]:
     """(row number, dict) of every row, and the export header from the schema metadata."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise bad_argument(name, "pyarrow installed to read Parquet (pip install 'headwise[parquet]')",
-                           str(path)) from None  # fmt: skip
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise bad_argument(name, "a readable Parquet file", f"{path}: {exc}") from None
+    table = read_parquet(path, name)
     unknown = [c for c in table.column_names if c not in FIELDS]
     if unknown:
         raise bad_argument(f"{path.name}: columns", f"some of {FIELDS}", f"also {unknown}")

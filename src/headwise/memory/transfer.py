@@ -187,16 +187,21 @@ def jsonl_rows(path: Path | str, what: str):
         raise bad_argument(what, "a readable UTF-8 JSONL file, optionally gzipped", f"{path}: {exc}") from None
 
 
-def _parquet_rows(path: Path, what: str) -> list[dict]:
+def read_parquet(path: Path, what: str) -> Any:
+    """The pyarrow Table of a Parquet file; a HeadwiseError naming ``what`` without pyarrow or on a bad file."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise bad_argument(what, "pyarrow installed to read Parquet (pip install 'headwise[parquet]')",
                            str(path)) from None  # fmt: skip
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(path)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise bad_argument(what, "a readable Parquet file", f"{path}: {exc}") from None
+
+
+def _parquet_rows(path: Path, what: str) -> list[dict]:
+    return read_parquet(path, what).to_pylist()
 
 
 def json_field(value: Any) -> Any:
