@@ -167,10 +167,12 @@ def train_row(
 
     key = (config.candidates, config.first_pass)
     if key not in cache:  # the candidates depend on K and on the first pass only
-        probe = config.build(data.docs.shape[1])
-        if adapter is not None:
-            probe.adopt_adapter(adapter)
-        fq = probe.first_pass_queries(data.queries) if config.first_pass != "raw" else None
+        fq = None
+        if config.first_pass != "raw":  # the adapted query: an untrained enhancer holding the adapter
+            probe = config.build(data.docs.shape[1])
+            if adapter is not None:
+                probe.adopt_adapter(adapter)
+            fq = probe.first_pass_queries(data.queries)
         cache[key] = TrainData.build(data.docs, data.queries, data.relevant, data.train_idx, data.val_idx,
                                      k=config.candidates, first_queries=fq)  # fmt: skip
     model = config.build(data.docs.shape[1], seed=seed)
