@@ -37,14 +37,19 @@ def feedback_sim(
     lr: Annotated[float, typer.Option()] = 2e-3,
     eval_every: Annotated[int, typer.Option()] = 50,
     seed: Annotated[int, typer.Option(help="seed of the sample and of training")] = 0,
+    queries: Annotated[
+        list[Path] | None, typer.Option(help="a transfer query file (JSONL) searched after each refit too; repeatable")
+    ] = None,
 ) -> None:
     """W1 training queries arrive as record_feedback pairs in batches; after each, refit and search the test queries."""
     import numpy as np
 
     from headwise.memory import VectorMemory
+    from headwise.memory.datasets import embed
     from headwise.memory.feedback_loop import simulate_feedback
     from headwise.memory.fit import FitConfig
-    from headwise.memory.sweep import make_slice
+    from headwise.memory.sweep import QuerySet, make_slice
+    from headwise.memory.transfer import read_query_file
 
     try:
         out_file(out.with_suffix(".md"))
@@ -54,7 +59,11 @@ def feedback_sim(
         manifest, ds, all_docs, all_queries = _load(dir)
         if not counts:
             raise bad_argument("--batches", "comma-separated counts", repr(batches))
-        data = make_slice(all_docs, all_queries, ds.relevant, ds.split, [], n_docs=docs, n_train=counts[-1],
+        transfer = []
+        for path in queries or []:
+            qf = read_query_file(path, ds.doc_ids)
+            transfer.append(QuerySet(qf.name, embed(qf.queries, description=f"{qf.name}: queries"), qf.relevant))
+        data = make_slice(all_docs, all_queries, ds.relevant, ds.split, transfer, n_docs=docs, n_train=counts[-1],
                           n_val=1, n_test=test_queries, seed=seed)  # fmt: skip
         # Feedback arrives in a random order (make_slice sorts its sample).
         order = np.random.default_rng(seed).permutation(counts[-1])
@@ -72,8 +81,9 @@ def feedback_sim(
             def step(n: int) -> None:
                 bar.update(task, advance=1, description=f"refitted at {n} pairs")
 
+            others = {qs.name: (qs.queries, qs.relevant) for qs in data.eval_sets[1:]}
             rows = simulate_feedback(memory, feedback_q, feedback_rel, test.queries, test.relevant, counts, fit,
-                                     progress=step)  # fmt: skip
+                                     other_sets=others, progress=step)  # fmt: skip
     except HeadwiseError as exc:
         _fail(exc)
     result = {"rows": rows, "method": method, "dataset": manifest["name"], "documents": len(data.docs),
@@ -94,17 +104,30 @@ def feedback_markdown(result: dict[str, Any]) -> str:
         "",
         f"A store of {result['documents']:,} documents; {result['dataset']} training queries arrive as "
         "`record_feedback` pairs; after each batch `fit_enhancer` refits on every pair recorded so far and "
-        f"{result['test_queries']:,} held-out test queries are searched with `memory.search`. Row 0: plain search.",
+        f"{result['test_queries']:,} held-out test queries (and any transfer sets, level and change) are "
+        "searched with `memory.search`. Row 0: plain search.",
         "",
-        "| feedback pairs | recall@10 | change | NDCG@10 | change | best val R@10 | refit s |",
-        "|---|---|---|---|---|---|---|",
     ]
+    others = list(base.get("other", {}))
+    head = ["feedback pairs", "recall@10", "change", "NDCG@10", "change"]
+    head += [f"{name} {m}" for name in others for m in ("recall@10", "NDCG@10")] + ["best val R@10", "refit s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         d_rec, d_ndcg = r["recall@10"] - base["recall@10"], r["ndcg@10"] - base["ndcg@10"]
-        val = f"{r['best_val_recall@10']:.4f}" if "best_val_recall@10" in r else "-"
-        secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-        lines.append(f"| {r['feedback']:,} | {r['recall@10']:.4f} | {d_rec:+.4f} | {r['ndcg@10']:.4f} | "
-                     f"{d_ndcg:+.4f} | {val} | {secs} |")  # fmt: skip
+        cells = [
+            f"{r['feedback']:,}",
+            f"{r['recall@10']:.4f}",
+            f"{d_rec:+.4f}",
+            f"{r['ndcg@10']:.4f}",
+            f"{d_ndcg:+.4f}",
+        ]
+        for name in others:  # the level, and its change over plain search
+            for m in ("recall@10", "ndcg@10"):
+                now, was = r["other"][name][m], base["other"][name][m]
+                cells.append(f"{now:.4f} ({now - was:+.4f})")
+        cells.append(f"{r['best_val_recall@10']:.4f}" if "best_val_recall@10" in r else "-")
+        cells.append(f"{r['seconds']:.0f}" if "seconds" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
@@ -121,11 +144,15 @@ def feedback_figure(result: dict[str, Any], path: Path) -> None:
     for i, metric in enumerate(("recall@10", "ndcg@10")):
         ax.plot([r["feedback"] for r in rows], [r[metric] for r in rows], marker="o", color=f"C{i}", label=metric)
         ax.axhline(result["rows"][0][metric], color=f"C{i}", ls="--", lw=0.8)
+    for i, name in enumerate(result["rows"][0].get("other", {}), start=2):  # transfer sets: recall@10
+        ax.plot([r["feedback"] for r in rows], [r["other"][name]["recall@10"] for r in rows], marker="s",
+                color=f"C{i}", label=f"{name} recall@10")  # fmt: skip
+        ax.axhline(result["rows"][0]["other"][name]["recall@10"], color=f"C{i}", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("feedback pairs recorded")
     ax.set_ylabel("test metric (dashed: no enhancer)")
     ax.set_title(f"Feedback loop on {result['dataset']} ({result['method']})")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -54,13 +54,22 @@ def simulate_feedback(
     batches: Sequence[int],
     fit: Any,
     *,
+    other_sets: dict[str, tuple[np.ndarray, Sequence[dict[int, int]]]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Feed ``queries[:n]`` as feedback for each cumulative ``n`` in ``batches``; refit and measure after each.
 
-    Returns one row per point: {"feedback": n, "recall@10", "ndcg@10", "best_val_recall@10", "seconds"},
-    the first at n = 0 (no enhancer: plain search). The memory keeps the last enhancer.
+    Returns one row per point: {"feedback": n, "recall@10", "ndcg@10", "best_val_recall@10", "seconds",
+    "other": {name: {"recall@10", "ndcg@10"}}}, the first at n = 0 (no enhancer: plain search);
+    ``other_sets`` (name -> (queries, relevance)) are query sets unlike the feedback, e.g. transfer
+    sets, searched beside the test queries after each refit. The memory keeps the last enhancer.
     """
+    others = other_sets or {}
+
+    def measure() -> dict[str, Any]:
+        return {**search_metrics(memory, test_queries, test_relevant),
+                "other": {name: search_metrics(memory, q, rel) for name, (q, rel) in others.items()}}  # fmt: skip
+
     from headwise.memory.feedback import feedback_training_set
     from headwise.memory.fit import fit_enhancer
 
@@ -69,7 +78,7 @@ def simulate_feedback(
     if len(relevant) != len(queries):
         raise bad_argument("relevant", f"one list of ids per query ({len(queries)})", len(relevant))
     memory.set_enhancer(None)
-    rows = [{"feedback": 0, **search_metrics(memory, test_queries, test_relevant)}]
+    rows = [{"feedback": 0, **measure()}]
     recorded = len(memory.feedback())
     if recorded:
         raise bad_argument("memory", "a store with no recorded feedback yet", f"{recorded} pairs")
@@ -81,8 +90,8 @@ def simulate_feedback(
         enhancer, history = fit_enhancer(memory, *feedback_training_set(memory), fit, progress=False)
         memory.set_enhancer(enhancer)
         last = history[fit.method]
-        rows.append({"feedback": n, **search_metrics(memory, test_queries, test_relevant),
-                     "best_val_recall@10": last.best_recall, "seconds": time.perf_counter() - t0})  # fmt: skip
+        rows.append({"feedback": n, **measure(), "best_val_recall@10": last.best_recall,
+                     "seconds": time.perf_counter() - t0})  # fmt: skip
         if progress:
             progress(n)
     return rows
