@@ -231,3 +231,20 @@ def _gradient_masks() -> dict:
 
 #: The masks of the gradient oracles (statistics, lse): none, causal, empty rows, an empty batch.
 GRADIENT_MASKS = _gradient_masks()
+
+
+def require_extra(module: str, extra: str):
+    """Import ``module`` of the optional extra ``headwise[extra]``, or skip naming the extra.
+
+    CI (HEADWISE_REQUIRE_DATA=1, ``make test`` installs every extra) fails instead of skipping,
+    so a broken install cannot turn the extra's tests into silent skips.
+    """
+    import importlib
+    import os
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("HEADWISE_REQUIRE_DATA"):
+            pytest.fail(f"{module} (extra headwise[{extra}]) is missing and HEADWISE_REQUIRE_DATA is set: {exc}")
+        pytest.skip(f"{module} is missing: pip install 'headwise[{extra}]'")
