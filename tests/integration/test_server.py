@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +25,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("faiss")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from tests.server_utils import KEY, free_port, serving, start_serve_process, wait_listening  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from headwise.cli import app as cli_app  # noqa: E402
@@ -36,7 +33,6 @@ from headwise.errors import HeadwiseError  # noqa: E402
 from headwise.memory import RemoteMemory, VectorMemory  # noqa: E402
 from headwise.server.app import NPY, create_app  # noqa: E402
 
-KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DIM = 8
 
@@ -245,36 +241,9 @@ def test_importing_headwise_does_not_import_the_server_dependencies() -> None:
     assert out.strip() == "[]"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _serving(mem: VectorMemory, api_key: str | None = KEY) -> Iterator[str]:
-    """uvicorn on a free loopback port in a thread; yields its URL."""
-    import uvicorn
-
-    port = _free_port()
-    config = uvicorn.Config(create_app(mem, api_key=api_key), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_remote_memory_mirrors_the_store(mem: VectorMemory) -> None:
     q = np.random.default_rng(3).standard_normal((4, DIM)).astype(np.float32)
-    with _serving(mem) as url, RemoteMemory(url, api_key=KEY) as remote:
+    with serving(mem) as url, RemoteMemory(url, api_key=KEY) as remote:
         assert len(remote) == 200
         for args in ((q, 5), (q[0], 300), (q, 4, {"g": 2})):
             flt = args[2] if len(args) > 2 else None
@@ -320,7 +289,7 @@ def test_concurrent_searches_are_exact_and_error_free() -> None:
                     errors.append(exc)
         return done
 
-    with _serving(mem) as url, ThreadPoolExecutor(8) as pool:
+    with serving(mem) as url, ThreadPoolExecutor(8) as pool:
         done = sum(pool.map(worker, range(8)))
     assert not errors, errors[:3]
     assert done == 8 * 200
@@ -333,31 +302,11 @@ def test_the_real_serve_process_answers_and_stops_on_sigterm(tmp_path: Path) -> 
     key = tmp_path / "key"
     key.write_text(KEY + "\n")
     key.chmod(0o600)
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "headwise.cli",
-        "serve",
-        "--store",
-        str(store),
-        "--port",
-        str(port),
-        "--api-key-file",
-        str(key),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    port = free_port()
+    proc = start_serve_process(store, key, port)
     try:
         remote = RemoteMemory(f"http://127.0.0.1:{port}", api_key=KEY, timeout=5)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                n = len(remote)
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-                time.sleep(0.2)
+        n = wait_listening(proc, remote)
         assert n == 50
         assert remote.add(np.ones((1, DIM), dtype=np.float32)).tolist() == [50]
         remote.close()
@@ -374,3 +323,62 @@ def test_the_real_serve_process_answers_and_stops_on_sigterm(tmp_path: Path) -> 
     # the lifespan closed the store: the writer lock is free and the add is durable
     with VectorMemory.open(store, lock_timeout=1) as mem:
         assert len(mem) == 51
+
+
+@pytest.mark.slow
+def test_sigkill_under_write_load_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    """Four clients add (and upsert) as fast as they can; the server is SIGKILLed mid-stream; every
+    write it acknowledged is in the reopened store, bit for bit, and the store verifies clean."""
+    store = tmp_path / "mem"
+    _store(20, path=store).close()
+    key = tmp_path / "key"
+    key.write_text(KEY)
+    key.chmod(0o600)
+    port = free_port()
+    proc = start_serve_process(store, key, port)
+    acknowledged: dict[int, np.ndarray] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(t: int) -> None:
+        rng = np.random.default_rng(t)
+        with RemoteMemory(f"http://127.0.0.1:{port}", api_key=KEY, timeout=10) as remote:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                ids = [1000 + 100_000 * t + 2 * i, 1000 + 100_000 * t + 2 * i + 1]
+                x = rng.standard_normal((2, DIM)).astype(np.float32)
+                try:
+                    (remote.upsert if i % 2 else remote.add)(x, ids)
+                except Exception:  # noqa: BLE001 - the kill cuts requests in flight: not acknowledged
+                    return
+                with lock:
+                    acknowledged.update({ids[0]: x[0], ids[1]: x[1]})
+
+    try:
+        with RemoteMemory(f"http://127.0.0.1:{port}", api_key=KEY, timeout=5) as probe:
+            assert wait_listening(proc, probe) == 20
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no shutdown, no close, no checkpoint
+        proc.wait(10)
+        stop.set()
+        for th in threads:
+            th.join(15)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(acknowledged) >= 200, "the writers did not get going"
+    with VectorMemory.open(store, lock_timeout=5) as mem:
+        ids = np.array(sorted(acknowledged))
+        got = mem.vectors(ids)
+        want = np.stack([acknowledged[i] / np.linalg.norm(acknowledged[i]) for i in ids.tolist()])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert len(mem) >= 20 + len(acknowledged)
+        assert mem.verify().ok

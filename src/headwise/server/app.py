@@ -12,7 +12,14 @@ Endpoints (every one but ``/health`` needs ``Authorization: Bearer <key>`` when 
   with ``k``, ``enhance``, ``filter`` (JSON) as query parameters answers an ``.npz`` holding
   ``scores`` (n, k) float32 and ``ids`` (n, k) int64, exactly ``store.search``'s arrays.
 - ``POST /get`` ``{"ids": [...]}``: ``{"records": [{"id", "vector", "metadata", "text"} or null]}``.
+- ``POST /vectors`` ``{"ids": [...]}``: the stored vectors (n, d) as ``.npy`` (every id must be stored).
 - ``POST /delete`` ``{"ids": [...]}``: ``{"deleted": n}``.
+- ``POST /upsert``: as ``/add`` with ``ids`` required: inserts or replaces those records.
+- ``POST /update_metadata`` ``{"ids", "metadata", "merge"?}``: ``{"updated": n}``.
+- ``POST /feedback`` ``{"query": text or vector, "relevant": ids or {id: grade}}``: ``{"id"}``
+  (``VectorMemory.record_feedback``, for ``headwise memory train --from-feedback``).
+- ``GET /docs``, ``GET /openapi.json``: the OpenAPI description (behind the key unless
+  ``public_docs``).
 - ``GET /metrics``: Prometheus text: requests per endpoint and status, a latency histogram per
   endpoint, the store's size.
 
@@ -55,10 +62,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from headwise import __version__
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.memory.store import VectorMemory
 
@@ -219,19 +228,81 @@ def _scores_json(scores: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isneginf(s) else float(s) for s in row] for row in scores]
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 def _npz(**arrays: np.ndarray) -> Response:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return Response(buf.getvalue(), media_type=NPZ)
 
 
+_VECTORS = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}, "description": "(n, d)"}
+_ADD = {
+    "type": "object",
+    "properties": {
+        "vectors": _VECTORS,
+        "ids": {"type": "array", "items": {"type": "integer"}},
+        "metadata": {"type": "array", "items": {}},
+        "texts": {"type": "array", "items": {"type": ["string", "null"]}},
+    },
+}
+_SEARCH = {
+    "type": "object",
+    "required": ["k"],
+    "properties": {
+        "query": {"description": "(d,) or (n, d)", "type": "array", "items": {}},
+        "text": {"type": "string"},
+        "k": {"type": "integer", "minimum": 1, "maximum": 16384},
+        "enhance": {"type": ["boolean", "null"]},
+        "filter": {"type": "object"},
+    },
+}
+_IDS = {"type": "object", "required": ["ids"], "properties": {"ids": {"type": "array", "items": {"type": "integer"}}}}
+_UPDATE = {
+    "type": "object",
+    "required": ["ids", "metadata"],
+    "properties": {
+        "ids": {"type": "array", "items": {"type": "integer"}},
+        "metadata": {"type": "array", "items": {}},
+        "merge": {"type": "boolean", "default": False},
+    },
+}
+_FEEDBACK = {
+    "type": "object",
+    "required": ["query", "relevant"],
+    "properties": {
+        "query": {"description": "a text (the store's encoder) or a (d,) vector"},
+        "relevant": {"description": "ids, or {id: grade > 0}"},
+    },
+}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI request body of a handler that reads the raw request: JSON with ``schema``, or ``.npy``."""
+    content = {"application/json": {"schema": schema}}
+    if "vectors" in schema.get("properties", {}) or "query" in schema.get("properties", {}):
+        content[NPY] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def create_app(
-    store: VectorMemory, *, api_key: str | None, max_body_bytes: int = DEFAULT_MAX_BODY, close_store: bool = False
+    store: VectorMemory,
+    *,
+    api_key: str | None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    close_store: bool = False,
+    public_docs: bool = False,
 ) -> Any:
     """A FastAPI app serving ``store``; ``api_key`` None serves without auth (loopback only: the CLI's rule).
 
     ``max_body_bytes`` bounds every request body (413 past it). ``close_store=True`` closes the
     store when the app shuts down (what ``headwise serve`` does on SIGTERM, after uvicorn drains).
+    ``public_docs=True`` serves ``/docs`` and ``/openapi.json`` without the key (they describe the
+    API and hold no data); by default they need it like every endpoint but ``/health``.
     """
     if api_key is not None and not api_key:
         raise bad_argument("api_key", "a non-empty key or None", "''")
@@ -245,7 +316,9 @@ def create_app(
         if close_store:
             store.close()
 
-    app = FastAPI(title="headwise", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    docs_url, openapi_url = ("/docs", "/openapi.json") if public_docs else (None, None)
+    app = FastAPI(title="headwise", version=__version__, lifespan=lifespan, redoc_url=None, docs_url=docs_url,
+                  openapi_url=openapi_url)  # fmt: skip
 
     def check_auth(request: Request) -> None:
         if expected is None:
@@ -297,6 +370,16 @@ def create_app(
 
     auth = [Depends(check_auth)]
 
+    if not public_docs:  # the API description is served like every endpoint: behind the key
+
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        def openapi_json() -> dict[str, Any]:
+            return app.openapi()
+
+        @app.get("/docs", dependencies=auth, include_in_schema=False)
+        def swagger() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="headwise API")
+
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -310,16 +393,18 @@ def create_app(
         size = await run(lambda: len(store))
         return PlainTextResponse(metrics.render(size), media_type="text/plain; version=0.0.4")
 
-    @app.post("/add", dependencies=auth)
-    async def add(request: Request) -> dict[str, list[int]]:
+    async def vectors_payload(request: Request) -> tuple[Any, Any, Any, Any]:
+        """(vectors or None, ids, metadata, texts) of an add or upsert: JSON, or .npy with JSON query parameters."""
         body = await _read_body(request, max_body_bytes)
         if _is_npy(request):
-            vectors: Any = _npy_array(body)
-            ids, meta, texts = (_query_json(request, n) for n in ("ids", "metadata", "texts"))
-        else:
-            obj = _json_object(body)
-            vectors = None if obj.get("vectors") is None else _floats(obj["vectors"], "vectors")
-            ids, meta, texts = obj.get("ids"), obj.get("metadata"), obj.get("texts")
+            return (_npy_array(body), *(_query_json(request, n) for n in ("ids", "metadata", "texts")))
+        obj = _json_object(body)
+        vectors = None if obj.get("vectors") is None else _floats(obj["vectors"], "vectors")
+        return vectors, obj.get("ids"), obj.get("metadata"), obj.get("texts")
+
+    @app.post("/add", dependencies=auth, openapi_extra=_body(_ADD))
+    async def add(request: Request) -> dict[str, list[int]]:
+        vectors, ids, meta, texts = await vectors_payload(request)
         if vectors is None:
             if texts is None:
                 raise bad_argument("request body", "'vectors' or 'texts'", "neither")
@@ -328,7 +413,38 @@ def create_app(
             out = await run(write(lambda: store.add(vectors, ids=ids, metadata=meta, texts=texts)))
         return {"ids": [int(i) for i in out]}
 
-    @app.post("/search", dependencies=auth, response_model=None)
+    @app.post("/upsert", dependencies=auth, openapi_extra=_body(_ADD))
+    async def upsert(request: Request) -> dict[str, list[int]]:
+        vectors, ids, meta, texts = await vectors_payload(request)
+        if vectors is None:
+            raise bad_argument("vectors", "the vectors to insert or replace (n, d)", "none")
+        out = await run(write(lambda: store.upsert(vectors, ids, metadata=meta, texts=texts)))
+        return {"ids": [int(i) for i in out]}
+
+    @app.post("/update_metadata", dependencies=auth, openapi_extra=_body(_UPDATE))
+    async def update_metadata(request: Request) -> dict[str, int]:
+        obj = _json_object(await _read_body(request, max_body_bytes))
+        merge = obj.get("merge", False)
+        if not isinstance(merge, bool):
+            raise bad_argument("merge", "true or false", repr(merge))
+        ids, meta = obj.get("ids"), obj.get("metadata")
+        await run(write(lambda: store.update_metadata(ids, meta, merge=merge)))
+        return {"updated": len(ids) if isinstance(ids, list) else 1}
+
+    @app.post("/feedback", dependencies=auth, openapi_extra=_body(_FEEDBACK))
+    async def feedback(request: Request) -> dict[str, int]:
+        obj = _json_object(await _read_body(request, max_body_bytes))
+        query = obj.get("query")
+        query = query if isinstance(query, str) else _floats(query, "query")
+        relevant = obj.get("relevant")
+        if isinstance(relevant, dict):  # JSON object keys are strings: {"12": 2} means id 12, grade 2
+            try:
+                relevant = {int(i): g for i, g in relevant.items()}
+            except ValueError:
+                raise bad_argument("relevant", "ids (integers) as keys", list(relevant)[:5]) from None
+        return {"id": int(await run(write(lambda: store.record_feedback(query, relevant))))}
+
+    @app.post("/search", dependencies=auth, response_model=None, openapi_extra=_body(_SEARCH))
     async def search(request: Request) -> Any:
         body = await _read_body(request, max_body_bytes)
         if _is_npy(request):
@@ -347,7 +463,7 @@ def create_app(
         scores, ids = await run(lambda: store.search(q, k, enhance=enhance, filter=flt))
         return {"scores": _scores_json(scores), "ids": ids.tolist()}
 
-    @app.post("/get", dependencies=auth)
+    @app.post("/get", dependencies=auth, openapi_extra=_body(_IDS))
     async def get(request: Request) -> dict[str, list[Any]]:
         obj = _json_object(await _read_body(request, max_body_bytes))
         records = await run(lambda: store.get(obj.get("ids")))
@@ -358,7 +474,13 @@ def create_app(
             ]
         }
 
-    @app.post("/delete", dependencies=auth)
+    @app.post("/vectors", dependencies=auth, openapi_extra=_body(_IDS), response_model=None)
+    async def vectors(request: Request) -> Response:
+        obj = _json_object(await _read_body(request, max_body_bytes))
+        x = await run(lambda: store.vectors(obj.get("ids")))
+        return Response(_npy_bytes(x), media_type=NPY)
+
+    @app.post("/delete", dependencies=auth, openapi_extra=_body(_IDS))
     async def delete(request: Request) -> dict[str, int]:
         obj = _json_object(await _read_body(request, max_body_bytes))
         return {"deleted": int(await run(write(lambda: store.delete(obj.get("ids")))))}

@@ -61,8 +61,11 @@ def serve(
     enhancer: Annotated[Path | None, typer.Option(help="an enhancer directory to load into the store")] = None,
     minilm: Annotated[bool, typer.Option("--minilm", help="encode texts (add texts, search text) with MiniLM")] = False,
     max_body_mb: Annotated[int, typer.Option("--max-body-mb", help="largest request body, MiB")] = 64,
+    public_docs: Annotated[
+        bool, typer.Option("--public-docs", help="serve /docs and /openapi.json without the key (they hold no data)")
+    ] = False,
 ) -> None:
-    """Serve a store over HTTP: /search, /add, /get, /delete, /count, /metrics, /health."""
+    """Serve a store over HTTP: /search, /add, /upsert, /update_metadata, /get, /delete, /feedback, /count, /metrics."""
     int_in("--port", port, 0, 65535)
     int_in("--max-body-mb", max_body_mb, 1, 4096)
     in_dir(store, "--store")
@@ -91,7 +94,8 @@ def serve(
             from headwise.memory.enhancer import load_enhancer
 
             mem.set_enhancer(load_enhancer(enhancer))
-        app = create_app(mem, api_key=key, max_body_bytes=max_body_mb * 1024 * 1024, close_store=True)
+        app = create_app(mem, api_key=key, max_body_bytes=max_body_mb * 1024 * 1024, close_store=True,
+                         public_docs=public_docs)  # fmt: skip
     except BaseException:
         mem.close()
         raise

@@ -1,6 +1,7 @@
 """:class:`RemoteMemory`: the ``VectorMemory`` API of a ``headwise serve`` over HTTP.
 
-The subset ``add``, ``search``, ``search_batch``, ``search_text``, ``get``, ``delete`` and
+The subset ``add``, ``upsert``, ``update_metadata``, ``record_feedback``, ``vectors``, ``search``,
+``search_batch``, ``search_text``, ``get``, ``delete`` and
 ``len()`` with the store's shapes and dtypes: ``search`` returns scores (n, k) float32 and ids
 (n, k) int64 padded with -inf / -1, exactly the arrays the server's store returned (vectors
 travel as ``.npy`` and results as ``.npz``, so nothing is rounded through JSON). An error the
@@ -37,7 +38,7 @@ NPY = "application/x-npy"
 def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+    return buf.getvalue()  # the same bytes as the server's _npy_bytes: the client must not import fastapi
 
 
 def _as_float32(x: Any, name: str) -> np.ndarray:
@@ -88,6 +89,22 @@ class RemoteMemory:
     def __len__(self) -> int:
         return int(self._request("GET", "/count").json()["count"])
 
+    def _vectors_request(
+        self, path: str, x: np.ndarray, ids: Any, metadata: Sequence[Any] | None, texts: Sequence[str | None] | None
+    ) -> np.ndarray:
+        """POST vectors to /add or /upsert: a .npy body, or JSON when metadata or texts come along."""
+        id_list = None if ids is None else np.asarray(ids).tolist()
+        if metadata is None and texts is None:
+            params = {} if id_list is None else {"ids": json.dumps(id_list)}
+            response = self._request("POST", path, content=_npy(x), params=params, headers={"Content-Type": NPY})
+        else:  # metadata and texts can be long: JSON body (float32 -> JSON -> float32 is exact)
+            body = {"vectors": x.tolist(), "ids": id_list}
+            body.update(
+                metadata=None if metadata is None else list(metadata), texts=None if texts is None else list(texts)
+            )
+            response = self._request("POST", path, json=body)
+        return np.asarray(response.json()["ids"], dtype=np.int64)
+
     def add(
         self,
         vectors: Any,
@@ -96,17 +113,33 @@ class RemoteMemory:
         texts: Sequence[str | None] | None = None,
     ) -> np.ndarray:
         """Add vectors (n, d) or (d,) and return their ids (n,) int64 (as ``VectorMemory.add``)."""
-        x = _as_float32(vectors, "vectors")
-        if metadata is None and texts is None:
-            params = {} if ids is None else {"ids": json.dumps(np.asarray(ids).tolist())}
-            response = self._request("POST", "/add", content=_npy(x), params=params, headers={"Content-Type": NPY})
-        else:  # metadata and texts can be long: JSON body (float32 -> JSON -> float32 is exact)
-            body = {"vectors": x.tolist(), "ids": None if ids is None else np.asarray(ids).tolist()}
-            body.update(
-                metadata=None if metadata is None else list(metadata), texts=None if texts is None else list(texts)
-            )
-            response = self._request("POST", "/add", json=body)
-        return np.asarray(response.json()["ids"], dtype=np.int64)
+        return self._vectors_request("/add", _as_float32(vectors, "vectors"), ids, metadata, texts)
+
+    def upsert(
+        self,
+        vectors: Any,
+        ids: Any,
+        metadata: Sequence[Any] | None = None,
+        texts: Sequence[str | None] | None = None,
+    ) -> np.ndarray:
+        """Insert or replace the records of ``ids`` (n,) with ``vectors`` (n, d) (as ``VectorMemory.upsert``)."""
+        if ids is None:
+            raise HeadwiseError("ids: expected the ids to insert or replace (upsert needs ids), got None")
+        return self._vectors_request("/upsert", _as_float32(vectors, "vectors"), ids, metadata, texts)
+
+    def update_metadata(self, ids: Any, metadata: Sequence[Any], *, merge: bool = False) -> None:
+        """Set (or with ``merge`` update the keys of) the metadata of stored ``ids`` (n,)."""
+        body = {"ids": np.asarray(ids).reshape(-1).tolist(), "metadata": list(metadata), "merge": merge}
+        self._request("POST", "/update_metadata", json=body)
+
+    def record_feedback(self, query: Any, relevant_ids: Any) -> int:
+        """Record that ``relevant_ids`` (ids, or {id: grade > 0}) answered ``query`` (str or (d,)); its id."""
+        q = query if isinstance(query, str) else _as_float32(query, "query").tolist()
+        if isinstance(relevant_ids, dict):
+            relevant: Any = {str(int(i)): g for i, g in relevant_ids.items()}
+        else:
+            relevant = np.asarray(relevant_ids).reshape(-1).tolist()
+        return int(self._request("POST", "/feedback", json={"query": q, "relevant": relevant}).json()["id"])
 
     def add_texts(self, texts: Sequence[str], metadata: Sequence[Any] | None = None, ids: Any = None) -> np.ndarray:
         """Have the server encode and add ``texts`` (it needs an encoder); their ids (n,) int64."""
@@ -154,6 +187,11 @@ class RemoteMemory:
             else Record(int(r["id"]), np.asarray(r["vector"], dtype=np.float32), r["metadata"], r["text"])
             for r in records
         ]
+
+    def vectors(self, ids: Any) -> np.ndarray:
+        """The stored vectors (n, d) float32 of ``ids`` (every id must be stored, as ``VectorMemory.vectors``)."""
+        body = {"ids": np.asarray(ids).reshape(-1).tolist()}
+        return np.lib.format.read_array(io.BytesIO(self._request("POST", "/vectors", json=body).content))
 
     def delete(self, ids: Any) -> int:
         """Delete the records of ``ids`` (absent ids are ignored); returns how many were deleted."""
