@@ -35,13 +35,12 @@ Example:
 
 from __future__ import annotations
 
-from operator import itemgetter
-
 import faiss
 import numpy as np
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.memory.passes import merge_top
 
 METRICS = ("cosine", "ip", "l2")
 INDEX_KINDS = ("flat", "hnsw", "hnsw-fp16")
@@ -50,7 +49,6 @@ INDEX_KINDS = ("flat", "hnsw", "hnsw-fp16")
 WORKSPACE_BYTES = 64 << 20
 _WIDEN_BLOCK = 8192  # rows widened from half precision per step (6 MB of codes at d = 384)
 _NUMPY_MAX_ROWS = 256  # reconstruct() gathers up to this many rows with numpy, more with torch on both cores
-_TORCH_MIN_ROWS = 32  # merge() scores batches from this many queries with torch, smaller ones with numpy
 
 
 class _Growable:
@@ -331,59 +329,7 @@ class SlotIndex:
         Returns (scores, ids, slots) (n, k), best first, -inf / -1 padded.
         """
         scores, _, slots = found
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        vectors = np.ascontiguousarray(extra_vectors, dtype=np.float32)
-        if len(q) == 1:  # a served query: the vectorised union below is ~15 array operations of 1-4 µs
-            return self._merge_one(q[0], scores[0], slots[0], extra_slots[0], vectors[0], k)
-        if len(q) >= _TORCH_MIN_ROWS:  # (n, m) inner products; torch spreads a batch over the cores, as (1, d) x (d, m)
-            extra = torch.bmm(torch.from_numpy(q)[:, None, :], torch.from_numpy(vectors).transpose(1, 2))[:, 0].numpy()
-        else:  # numpy costs a few µs per call where torch costs tens
-            extra = np.matmul(vectors, q[:, :, None])[..., 0]
-        if self.metric == "l2":  # -|q - x|^2
-            extra = 2 * extra - np.einsum("nd,nd->n", q, q)[:, None] - np.einsum("nmd,nmd->nm", vectors, vectors)
-        # A slot already in the result, or a repeat of the slot before it (the store pads short
-        # candidate lists by repeating the last one), must not take a second place.
-        dup = (extra_slots[:, :, None] == slots[:, None, :]).any(axis=2)
-        dup[:, 1:] |= extra_slots[:, 1:] == extra_slots[:, :-1]
-        dup |= extra_slots < 0  # a row without candidates
-        extra[dup] = -np.inf
-        all_scores = np.concatenate([scores, extra.astype(np.float32)], axis=1)
-        all_slots = np.concatenate([slots, extra_slots], axis=1)
-        best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
-        top_scores = np.take_along_axis(all_scores, best, axis=1)
-        top_slots = np.take_along_axis(all_slots, best, axis=1)
-        top_slots[np.isneginf(top_scores)] = -1  # places that neither search filled
-        return self._with_ids(top_scores, top_slots)
-
-    def _merge_one(
-        self, q: np.ndarray, scores: np.ndarray, slots: np.ndarray, extra_slots: np.ndarray, vectors: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`merge` of one query, q (d,), its result (k,), extra slots (m,) and vectors (m, d).
-
-        The same union in Python lists: each numpy call costs 1-4 µs here, and the vectorised
-        path makes about fifteen. The result's entries come first, then each extra slot that is
-        new; Python's sort is stable (also with ``reverse``), so ties keep that order, as the
-        vectorised path's stable argsort does.
-        """
-        extra = vectors @ q  # (m,)
-        if self.metric == "l2":
-            extra = 2 * extra - q @ q - np.einsum("md,md->m", vectors, vectors)
-        result = slots.tolist()
-        items = [(slot, score) for slot, score in zip(result, scores.tolist()) if slot >= 0]
-        taken = set(result)
-        for slot, score in zip(extra_slots.tolist(), extra.tolist()):
-            if slot >= 0 and slot not in taken:
-                taken.add(slot)
-                items.append((slot, score))
-        items.sort(key=itemgetter(1), reverse=True)
-        top = items[:k]
-        pad = k - len(top)
-        ids = self._id.view
-        return (
-            np.array([[score for _, score in top] + [-np.inf] * pad], dtype=np.float32),
-            np.array([[int(ids[slot]) for slot, _ in top] + [-1] * pad], dtype=np.int64),
-            np.array([[slot for slot, _ in top] + [-1] * pad], dtype=np.int64),
-        )
+        return self._with_ids(*merge_top(self.metric, queries, scores, slots, extra_slots, extra_vectors, k))
 
     def memory_bytes(self) -> int:
         """Bytes faiss holds for this index: vector codes, plus the HNSW graph (neighbours, levels, offsets)."""

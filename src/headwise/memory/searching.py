@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from headwise.errors import HeadwiseError, bad_argument
-from headwise.memory.checks import check_k, check_positive_int, normalise_rows
+from headwise.errors import bad_argument
+from headwise.memory.checks import check_k, check_positive_int
 from headwise.memory.filtered import FilterMatches, MatchSet, search_filtered
 from headwise.memory.filters import CompiledFilter, compile_filter, matching_seqs
+from headwise.memory.passes import refine_checked, second_pass_inputs
 
 
 class SearchPasses:
@@ -164,30 +165,17 @@ class SearchPasses:
         top-K as (slots (n, K), vectors (n, K, d)), or None when the enhancer takes no candidates.
         ``match``: a filter's records, the only candidates (None: every record).
 
-        Rows with fewer than K candidates (HNSW may return fewer) repeat their last one, so the
-        enhancer never sees padding; rows with none keep their query and have slots -1.
+        The steps are :func:`headwise.memory.passes.second_pass_inputs`, shared with the other
+        stores: rows with fewer than K candidates (HNSW may return fewer) repeat their last
+        one, so the enhancer never sees padding; rows with none keep their query and have slots -1.
         """
-        enh = self.enhancer
-        if not getattr(enh, "uses_candidates", True):
-            return self._refine(q, None, None), None
-        big_k = min(int(enh.candidates), self._index.n_live if match is None else match.count)
-        if big_k == 0:
-            return q, None
-        with self.metrics.timer("first_pass", len(q)):
-            first = enh.first_pass_queries(q) if hasattr(enh, "first_pass_queries") else q
-            s1, _, slots = self._find(first, big_k, match, ef=self._candidate_ef)
-        if slots.min() >= 0:  # the common case: K candidates in every row
-            vectors = self._gather(slots)
-            return self._refine(q, vectors, s1), (slots, vectors)
-        has_any = slots[:, 0] >= 0
-        last = np.maximum.accumulate(np.where(slots >= 0, np.arange(big_k), 0), axis=1)
-        slots = np.take_along_axis(slots, last, axis=1)  # rows without any stay at -1
-        s1 = np.take_along_axis(s1, last, axis=1)
-        vectors = self._gather(np.maximum(slots, 0))
-        refined = q.copy()
-        if has_any.any():
-            refined[has_any] = self._refine(q[has_any], vectors[has_any], s1[has_any])
-        return refined, (slots, vectors)
+
+        def first_pass(queries: np.ndarray, big_k: int) -> tuple[np.ndarray, np.ndarray, None]:
+            s1, _, slots = self._find(queries, big_k, match, ef=self._candidate_ef)
+            return s1, slots, None  # the vectors are gathered by slot (after padding)
+
+        available = self._index.n_live if match is None else match.count
+        return second_pass_inputs(self.enhancer, q, available, first_pass, self._gather, self._refine, self.metrics)
 
     def _gather(self, slots: np.ndarray) -> np.ndarray:
         """The stored vectors (n, K, d) of candidate slots (n, K)."""
@@ -197,19 +185,7 @@ class SearchPasses:
     def _refine(self, q: np.ndarray, vectors: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
         """The enhancer's refined queries (n, d) from candidate vectors (n, K, d) and scores (n, K), checked.
 
-        ``vectors`` None: the enhancer ignores candidates and is called with the queries alone.
+        ``vectors`` None: the enhancer ignores candidates and is called with the queries alone
+        (see :func:`headwise.memory.passes.refine_checked`).
         """
-        args = (q,) if vectors is None else (q, vectors, scores)
-        start = time.perf_counter()
-        # headwise's enhancers skip their own checks of the arrays made here (refine_unchecked).
-        refine = getattr(self.enhancer, "refine_unchecked", None) or self.enhancer.refine
-        out = np.asarray(refine(*args), dtype=np.float32)
-        if vectors is not None and np.may_share_memory(out, vectors):
-            out = out.copy()  # the candidates live in a workspace that the next search overwrites
-        self.metrics.record("refine", time.perf_counter() - start, len(q))
-        if out.shape != (len(q), self.dim) or not np.isfinite(out).all():
-            raise HeadwiseError(
-                f"enhancer.refine: expected finite queries of shape {(len(q), self.dim)}, got shape "
-                f"{out.shape} (finite: {bool(np.isfinite(out).all())})"
-            )
-        return normalise_rows(out, "enhancer.refine output") if self.metric == "cosine" else out
+        return refine_checked(self.enhancer, q, vectors, scores, dim=self.dim, metric=self.metric, metrics=self.metrics)
