@@ -217,6 +217,52 @@ def bench_analysis(
 bench_app.command("memory")(memory_bench)
 
 
+@bench_app.command("serve")
+@reports_errors
+def bench_serve(
+    n: int = typer.Option(100_000, help="Vectors in the served store."),
+    dim: int = typer.Option(384, help="Their dimension (random normal vectors unless --vectors)."),
+    index: str = typer.Option("hnsw", help="flat, hnsw or hnsw-fp16."),
+    k: int = typer.Option(10, help="Results per query."),
+    batch: int = typer.Option(256, help="Queries per batched request."),
+    seconds: float = typer.Option(3.0, help="Seconds per configuration and round."),
+    repeats: int = typer.Option(3, help="Rounds (median and min..max reported)."),
+    vectors: Path | None = typer.Option(None, help="A (N, d) .npy of real vectors to serve instead of random ones."),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for serve.md and serve.json."),
+) -> None:
+    """Search over HTTP (headwise serve, JSON and binary, 1 and 8 clients) against in-process search."""
+    from headwise.bench.serve import run, to_markdown
+
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        fail(f"bench serve: expected the server extra (pip install 'headwise[server]'), got {exc}")
+    int_in("--n", n, 1, 10_000_000)
+    int_in("--dim", dim, 1, 4096)
+    int_in("--k", k, 1, 16_384)
+    int_in("--batch", batch, 1, 16_384)
+    int_in("--repeats", repeats, 1, MAX_REPEAT)
+    if index not in ("flat", "hnsw", "hnsw-fp16"):
+        raise bad_argument("--index", "flat, hnsw or hnsw-fp16", repr(index))
+    if not 0.05 <= seconds <= 600:
+        raise bad_argument("--seconds", "a number in [0.05, 600]", seconds)
+    if vectors is not None:
+        in_file(vectors, "--vectors")
+    out_dir(report, "--report")
+    command = "headwise " + shlex.join(sys.argv[1:])
+    with console.status("bench serve") as status:
+        result = run(n=n, dim=dim, index=index, k=k, batch=batch, seconds=seconds, repeats=repeats, vectors=vectors,
+                     command=command, progress=status.update)  # fmt: skip
+    markdown = to_markdown(result)
+    from headwise.fileio import write_atomic
+
+    write_atomic(report / "serve.md", markdown)
+    write_atomic(report / "serve.json", json.dumps(result, indent=2))
+    console.print(markdown)
+
+
 @bench_app.command("all")
 @reports_errors
 def bench_all(

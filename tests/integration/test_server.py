@@ -31,7 +31,8 @@ from typer.testing import CliRunner  # noqa: E402
 from headwise.cli import app as cli_app  # noqa: E402
 from headwise.errors import HeadwiseError  # noqa: E402
 from headwise.memory import RemoteMemory, VectorMemory  # noqa: E402
-from headwise.server.app import NPY, create_app  # noqa: E402
+from headwise.server.app import create_app  # noqa: E402
+from headwise.server.wire import HITS_DTYPE, NPY, RAW, SHAPE_HEADER, from_raw, unpack_hits  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DIM = 8
@@ -50,9 +51,10 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _npz(content: bytes) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(content), allow_pickle=False) as z:
-        return z["scores"], z["ids"]
+def _hits(content: bytes) -> tuple[np.ndarray, np.ndarray]:
+    hits = np.lib.format.read_array(io.BytesIO(content), allow_pickle=False)
+    assert hits.dtype.names == ("score", "id")
+    return np.ascontiguousarray(hits["score"]), np.ascontiguousarray(hits["id"])
 
 
 @pytest.fixture
@@ -90,8 +92,14 @@ def test_json_and_npy_search_return_what_the_store_returns(client: TestClient, m
         np.testing.assert_array_equal(got_s, want_s)
         params = {"k": k} if flt is None else {"k": k, "filter": json.dumps(flt)}
         r = client.post("/search", content=_npy(q), params=params, headers={**AUTH, "Content-Type": NPY})
-        got_s, got_i = _npz(r.content)
+        got_s, got_i = _hits(r.content)
         assert got_s.dtype == np.float32 and got_i.dtype == np.int64 and got_s.shape == (5, k)
+        np.testing.assert_array_equal(got_s, want_s)
+        np.testing.assert_array_equal(got_i, want_i)
+        raw = {**AUTH, "Content-Type": RAW, SHAPE_HEADER: f"5,{DIM}"}
+        r = client.post("/search", content=q.astype("<f4").tobytes(), params=params, headers=raw)
+        assert r.headers["content-type"] == RAW and r.headers[SHAPE_HEADER] == f"5,{k}"
+        got_s, got_i = unpack_hits(from_raw(r.content, r.headers[SHAPE_HEADER], HITS_DTYPE))
         np.testing.assert_array_equal(got_s, want_s)
         np.testing.assert_array_equal(got_i, want_i)
     one = client.post("/search", json={"query": q[0].tolist(), "k": 3}, headers=AUTH).json()
@@ -140,6 +148,23 @@ def test_add_get_delete_round_trip(client: TestClient, mem: VectorMemory) -> Non
 )
 def test_bad_requests_are_400_with_the_store_message(client: TestClient, body: dict, words: str) -> None:
     r = client.post("/search", json=body, headers=AUTH)
+    assert r.status_code == 400 and _code(r) == "bad_request"
+    assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "body", "words"),
+    [
+        (None, b"\0" * 4 * DIM, "X-Shape: expected a header"),
+        ("1,x", b"\0" * 4 * DIM, "comma-separated integers"),
+        ("1,2,3,4", b"\0" * 24, "one or two"),
+        (f"2,{DIM}", b"\0" * 4 * DIM, f"expected {8 * DIM} bytes"),
+        (f"1,{DIM + 1}", b"\0" * 4 * (DIM + 1), "queries"),
+    ],
+)
+def test_bad_raw_bodies_are_400(client: TestClient, shape: str | None, body: bytes, words: str) -> None:
+    headers = {**AUTH, "Content-Type": RAW} | ({} if shape is None else {SHAPE_HEADER: shape})
+    r = client.post("/search", content=body, params={"k": 3}, headers=headers)
     assert r.status_code == 400 and _code(r) == "bad_request"
     assert words in r.json()["error"]["message"]
 
@@ -271,7 +296,7 @@ def test_remote_memory_mirrors_the_store(mem: VectorMemory) -> None:
 
 @pytest.mark.slow
 def test_concurrent_searches_are_exact_and_error_free() -> None:
-    mem = _store(20_000, dim=32, seed=4)
+    mem = _store(117_659, dim=32, seed=4)  # the size of the WordNet corpus; random vectors
     queries = np.random.default_rng(5).standard_normal((8, 200, 32)).astype(np.float32)
     want = [[mem.search(q, 10) for q in block] for block in queries]
     errors: list[BaseException] = []

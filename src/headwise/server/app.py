@@ -9,8 +9,11 @@ Endpoints (every one but ``/health`` needs ``Authorization: Bearer <key>`` when 
 - ``POST /search``: JSON ``{"query": [...] or [[...]], "k", "enhance"?, "filter"?}`` answers
   ``{"scores", "ids"}`` (n, k) with ``null`` for a -inf score; ``{"text": "...", "k", ...}``
   answers ``{"hits": [{"id", "score", "text", "metadata"}]}``; a ``.npy`` (d,) or (n, d) body
-  with ``k``, ``enhance``, ``filter`` (JSON) as query parameters answers an ``.npz`` holding
-  ``scores`` (n, k) float32 and ``ids`` (n, k) int64, exactly ``store.search``'s arrays.
+  with ``k``, ``enhance``, ``filter`` (JSON) as query parameters answers a ``.npy`` of records
+  (``score`` float32, ``id`` int64) of shape (n, k): exactly ``store.search``'s arrays; the
+  same with raw little-endian float32 (``application/octet-stream`` and ``X-Shape: n,d``)
+  answers raw records with ``X-Shape: n,k`` (:mod:`headwise.server.wire`). ``/add`` and
+  ``/upsert`` take both binary forms too.
 - ``POST /get`` ``{"ids": [...]}``: ``{"records": [{"id", "vector", "metadata", "text"} or null]}``.
 - ``POST /vectors`` ``{"ids": [...]}``: the stored vectors (n, d) as ``.npy`` (every id must be stored).
 - ``POST /delete`` ``{"ids": [...]}``: ``{"deleted": n}``.
@@ -51,7 +54,6 @@ Example:
 from __future__ import annotations
 
 import hmac
-import io
 import json
 import logging
 import threading
@@ -70,11 +72,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from headwise import __version__
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.memory.store import VectorMemory
+from headwise.server.wire import NPY, RAW, SHAPE_HEADER, from_raw, npy_bytes, pack_hits, read_npy
 
 log = logging.getLogger("headwise.server")
 
-NPY = "application/x-npy"
-NPZ = "application/x-npz"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 #: Upper bounds (seconds) of the latency histogram's buckets (Prometheus ``le``).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -138,6 +139,39 @@ class _Metrics:
         return "\n".join(lines) + "\n"
 
 
+class _Observe:
+    """Pure ASGI middleware: records every request's endpoint, status and latency, and turns a bug
+    into a 500 JSON body (traceback to the log only). Pure ASGI because starlette's
+    ``BaseHTTPMiddleware`` costs a task and a stream per request, a third of a small search's time."""
+
+    def __init__(self, app: Any, metrics: _Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500, False]  # (status code, response started)
+
+        async def observed_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0], status[1] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        except Exception:  # a bug: logged with its traceback here, never sent to the client
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if not status[1]:
+                await error_response(500, "internal", "internal server error (see the server's log)")(
+                    scope, receive, send
+                )
+            status[0] = 500
+        endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+        self.metrics.record(endpoint, status[0], time.perf_counter() - start)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes: by Content-Length, then while reading.
 
@@ -156,8 +190,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _is_npy(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() == NPY
+def _binary_array(request: Request, body: bytes) -> np.ndarray | None:
+    """The body as an array when it is binary (.npy, or raw float32 with X-Shape), else None (JSON)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == NPY:
+        return read_npy(body)
+    if kind == RAW:
+        return from_raw(body, request.headers.get(SHAPE_HEADER), "<f4")
+    return None
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -168,14 +208,6 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise bad_argument("request body", "a JSON object", type(value).__name__)
     return value
-
-
-def _npy_array(body: bytes) -> np.ndarray:
-    """A .npy body as an array; never unpickles (``allow_pickle=False``) and never reads an .npz."""
-    try:
-        return np.lib.format.read_array(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise bad_argument("request body", "a .npy array (numeric, no pickles)", str(exc)) from None
 
 
 def _floats(value: Any, name: str) -> np.ndarray:
@@ -228,16 +260,12 @@ def _scores_json(scores: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isneginf(s) else float(s) for s in row] for row in scores]
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _npz(**arrays: np.ndarray) -> Response:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return Response(buf.getvalue(), media_type=NPZ)
+def _hits_response(request: Request, scores: np.ndarray, ids: np.ndarray) -> Response:
+    """The binary search answer in the request's form: raw records with X-Shape, or one .npy."""
+    hits = pack_hits(scores, ids)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == RAW:
+        return Response(hits.tobytes(), media_type=RAW, headers={SHAPE_HEADER: f"{hits.shape[0]},{hits.shape[1]}"})
+    return Response(npy_bytes(hits), media_type=NPY)  # one .npy: np.savez's zip costs more than a small search
 
 
 _VECTORS = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}, "description": "(n, d)"}
@@ -320,7 +348,7 @@ def create_app(
     app = FastAPI(title="headwise", version=__version__, lifespan=lifespan, redoc_url=None, docs_url=docs_url,
                   openapi_url=openapi_url)  # fmt: skip
 
-    def check_auth(request: Request) -> None:
+    async def check_auth(request: Request) -> None:  # async: no thread hop for a string compare
         if expected is None:
             return
         header = request.headers.get("authorization", "")
@@ -355,18 +383,7 @@ def create_app(
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: logged with its traceback here, never sent to the client
-            log.exception("internal error on %s %s", request.method, request.url.path)
-            response = error_response(500, "internal", "internal server error (see the server's log)")
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        metrics.record(endpoint, response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(_Observe, metrics=metrics)
 
     auth = [Depends(check_auth)]
 
@@ -396,8 +413,9 @@ def create_app(
     async def vectors_payload(request: Request) -> tuple[Any, Any, Any, Any]:
         """(vectors or None, ids, metadata, texts) of an add or upsert: JSON, or .npy with JSON query parameters."""
         body = await _read_body(request, max_body_bytes)
-        if _is_npy(request):
-            return (_npy_array(body), *(_query_json(request, n) for n in ("ids", "metadata", "texts")))
+        binary = _binary_array(request, body)
+        if binary is not None:
+            return (binary, *(_query_json(request, n) for n in ("ids", "metadata", "texts")))
         obj = _json_object(body)
         vectors = None if obj.get("vectors") is None else _floats(obj["vectors"], "vectors")
         return vectors, obj.get("ids"), obj.get("metadata"), obj.get("texts")
@@ -447,11 +465,11 @@ def create_app(
     @app.post("/search", dependencies=auth, response_model=None, openapi_extra=_body(_SEARCH))
     async def search(request: Request) -> Any:
         body = await _read_body(request, max_body_bytes)
-        if _is_npy(request):
-            q = _npy_array(body)
+        q = _binary_array(request, body)
+        if q is not None:
             k, enhance, flt = _query_k(request), _query_enhance(request), _query_json(request, "filter")
             scores, ids = await run(lambda: store.search(q, k, enhance=enhance, filter=flt))
-            return _npz(scores=scores, ids=ids)
+            return _hits_response(request, scores, ids)
         obj = _json_object(body)
         if "k" not in obj:
             raise bad_argument("k", "a field k (an integer)", "none")
@@ -478,7 +496,7 @@ def create_app(
     async def vectors(request: Request) -> Response:
         obj = _json_object(await _read_body(request, max_body_bytes))
         x = await run(lambda: store.vectors(obj.get("ids")))
-        return Response(_npy_bytes(x), media_type=NPY)
+        return Response(npy_bytes(x), media_type=NPY)
 
     @app.post("/delete", dependencies=auth, openapi_extra=_body(_IDS))
     async def delete(request: Request) -> dict[str, int]:

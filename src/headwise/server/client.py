@@ -3,9 +3,9 @@
 The subset ``add``, ``upsert``, ``update_metadata``, ``record_feedback``, ``vectors``, ``search``,
 ``search_batch``, ``search_text``, ``get``, ``delete`` and
 ``len()`` with the store's shapes and dtypes: ``search`` returns scores (n, k) float32 and ids
-(n, k) int64 padded with -inf / -1, exactly the arrays the server's store returned (vectors
-travel as ``.npy`` and results as ``.npz``, so nothing is rounded through JSON). An error the
-server reports (bad input, a wrong key, a body too large) is raised as a
+(n, k) int64 padded with -inf / -1, exactly the arrays the server's store returned (vectors and
+results travel as raw little-endian arrays with their shape in a header, so nothing is rounded
+through JSON). An error the server reports (bad input, a wrong key, a body too large) is raised as a
 :class:`~headwise.errors.HeadwiseError` carrying the server's message; a network failure is
 httpx's own exception.
 
@@ -21,7 +21,6 @@ Example (against a running ``headwise serve``; not run here)::
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -31,14 +30,7 @@ import numpy as np
 
 from headwise.errors import HeadwiseError
 from headwise.memory.records import Hit, Record
-
-NPY = "application/x-npy"
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()  # the same bytes as the server's _npy_bytes: the client must not import fastapi
+from headwise.server.wire import HITS_DTYPE, RAW, SHAPE_HEADER, from_raw, raw_bytes, read_npy, unpack_hits
 
 
 def _as_float32(x: Any, name: str) -> np.ndarray:
@@ -96,7 +88,9 @@ class RemoteMemory:
         id_list = None if ids is None else np.asarray(ids).tolist()
         if metadata is None and texts is None:
             params = {} if id_list is None else {"ids": json.dumps(id_list)}
-            response = self._request("POST", path, content=_npy(x), params=params, headers={"Content-Type": NPY})
+            body, shape = raw_bytes(x)
+            response = self._request("POST", path, content=body, params=params,
+                                     headers={"Content-Type": RAW, SHAPE_HEADER: shape})  # fmt: skip
         else:  # metadata and texts can be long: JSON body (float32 -> JSON -> float32 is exact)
             body = {"vectors": x.tolist(), "ids": id_list}
             body.update(
@@ -156,10 +150,10 @@ class RemoteMemory:
             params["enhance"] = "true" if enhance else "false"
         if filter is not None:
             params["filter"] = json.dumps(filter)
-        q = _as_float32(queries, "queries")
-        response = self._request("POST", "/search", content=_npy(q), params=params, headers={"Content-Type": NPY})
-        with np.load(io.BytesIO(response.content), allow_pickle=False) as npz:
-            return npz["scores"], npz["ids"]
+        body, shape = raw_bytes(_as_float32(queries, "queries"))
+        response = self._request("POST", "/search", content=body, params=params,
+                                 headers={"Content-Type": RAW, SHAPE_HEADER: shape})  # fmt: skip
+        return unpack_hits(from_raw(response.content, response.headers.get(SHAPE_HEADER), HITS_DTYPE))
 
     def search_batch(
         self, queries: Any, k: int, *, enhance: bool | None = None, filter: dict[str, Any] | None = None
@@ -191,7 +185,7 @@ class RemoteMemory:
     def vectors(self, ids: Any) -> np.ndarray:
         """The stored vectors (n, d) float32 of ``ids`` (every id must be stored, as ``VectorMemory.vectors``)."""
         body = {"ids": np.asarray(ids).reshape(-1).tolist()}
-        return np.lib.format.read_array(io.BytesIO(self._request("POST", "/vectors", json=body).content))
+        return read_npy(self._request("POST", "/vectors", json=body).content)
 
     def delete(self, ids: Any) -> int:
         """Delete the records of ``ids`` (absent ids are ignored); returns how many were deleted."""
