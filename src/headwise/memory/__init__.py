@@ -20,11 +20,16 @@ from headwise.memory.store import Hit, Record, VectorMemory
 
 
 def __getattr__(name: str) -> object:
-    """``RemoteMemory`` loads on first use: ``import headwise.memory`` must not import httpx."""
+    """``RemoteMemory`` and ``MilvusMemory`` load on first use: ``import headwise.memory`` must not
+    import httpx or pymilvus (the extras ``headwise[server]`` and ``headwise[milvus]``)."""
     if name == "RemoteMemory":
         from headwise.server.client import RemoteMemory
 
         return RemoteMemory
+    if name == "MilvusMemory":
+        from headwise.memory.milvus import MilvusMemory
+
+        return MilvusMemory
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -32,6 +37,7 @@ __all__ = [
     "EmbeddingCache",
     "Hit",
     "MetricsCollector",
+    "MilvusMemory",
     "MiniLMEncoder",
     "Record",
     "RemoteMemory",

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from headwise.errors import HeadwiseError
+from headwise.errors import HeadwiseError, bad_argument
 from headwise.memory.checks import normalise_rows
 
 #: merge_top() scores batches from this many queries with torch, smaller ones with numpy.
@@ -45,6 +45,37 @@ TORCH_MIN_ROWS = 32
 FirstPass = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 #: (queries (n, d), vectors (n, K, d) or None, scores (n, K) or None) -> refined queries (n, d).
 Refine = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]
+
+
+def check_enhancer(enhancer: Any, store: Any) -> None:
+    """Refuse an ``enhancer`` without ``candidates: int > 0`` and ``refine()``; attach it to ``store``.
+
+    An enhancer with an ``attach(store)`` method is attached: a "flash" QueryEnhancer then
+    reads the store's live vectors and follows every later write (:mod:`headwise.memory.binding`).
+    None (no enhancer) passes.
+    """
+    if enhancer is None:
+        return
+    cands = getattr(enhancer, "candidates", None)
+    if (
+        not isinstance(cands, int)
+        or isinstance(cands, bool)
+        or cands <= 0
+        or not callable(getattr(enhancer, "refine", None))
+    ):
+        raise bad_argument("enhancer", "an object with candidates: int > 0 and a refine() method", enhancer)
+    attach = getattr(enhancer, "attach", None)
+    if callable(attach):
+        attach(store)
+
+
+def use_enhancer(enhancer: Any, enhance: bool | None) -> bool:
+    """Whether a search uses ``enhancer``: ``enhance`` None when one is set, True requires one, False never."""
+    if enhance is None:
+        return enhancer is not None
+    if enhance and enhancer is None:
+        raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
+    return bool(enhance)
 
 
 def refine_checked(

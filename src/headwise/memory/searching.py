@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from headwise.errors import bad_argument
 from headwise.memory.checks import check_k, check_positive_int
 from headwise.memory.filtered import FilterMatches, MatchSet, search_filtered
 from headwise.memory.filters import CompiledFilter, compile_filter, matching_seqs
-from headwise.memory.passes import refine_checked, second_pass_inputs
+from headwise.memory.passes import refine_checked, second_pass_inputs, use_enhancer
 
 
 class SearchPasses:
@@ -152,11 +151,7 @@ class SearchPasses:
         return found[:2]
 
     def _use_enhancer(self, enhance: bool | None) -> bool:
-        if enhance is None:
-            return self.enhancer is not None
-        if enhance and self.enhancer is None:
-            raise bad_argument("enhance", "False or None when no enhancer is set (call set_enhancer)", True)
-        return bool(enhance)
+        return use_enhancer(self.enhancer, enhance)
 
     def _second_pass_inputs(
         self, q: np.ndarray, match: MatchSet | None = None

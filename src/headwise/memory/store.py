@@ -93,6 +93,7 @@ from headwise.memory.integrity import VerifyReport, verify_store
 from headwise.memory.layout import create_on_disk, open_store, read_manifest, reconcile, sha256, write_manifest
 from headwise.memory.locking import WriterLock
 from headwise.memory.metrics import MetricsCollector
+from headwise.memory.passes import check_enhancer
 from headwise.memory.records import Feedback, Hit, Record
 from headwise.memory.searching import SearchPasses
 from headwise.memory.storage import Storage
@@ -429,18 +430,7 @@ class VectorMemory(RecordUpdates, SearchPasses):
         An enhancer with an ``attach(store)`` method is attached first: a "flash" QueryEnhancer
         then reads this store's live vectors and follows every later write (headwise.memory.binding).
         """
-        if enhancer is not None:
-            cands = getattr(enhancer, "candidates", None)
-            if (
-                not isinstance(cands, int)
-                or isinstance(cands, bool)
-                or cands <= 0
-                or not callable(getattr(enhancer, "refine", None))
-            ):
-                raise bad_argument("enhancer", "an object with candidates: int > 0 and a refine() method", enhancer)
-            attach = getattr(enhancer, "attach", None)
-            if callable(attach):
-                attach(self)
+        check_enhancer(enhancer, self)
         with self._lock:
             self.enhancer = enhancer
             self.cache.clear()
