@@ -478,4 +478,4 @@ def bench(
 
 
 # Registered on memory_app by import: train, eval, gate and transfer-sets live in their own modules.
-from headwise.memory import cli_eval, cli_feedback, cli_gate, cli_store, cli_sweep, cli_train  # noqa: E402, F401
+from headwise.memory import cli_eval, cli_feedback, cli_gate, cli_migrate, cli_store, cli_sweep, cli_train  # noqa: E402, F401
