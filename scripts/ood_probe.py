@@ -10,8 +10,10 @@ that 95% of the W1 *validation* queries pass (count as "like the training querie
 - **classifier**: a two-layer MLP on the query vector trained to separate the W1 training queries
   from corpus pseudo-queries (spans of glosses, the gate's second style), class-balanced.
 
-The table gives the share of each query set that passes. A do-no-harm design that routes by
-either detector needs the W1 queries to pass and the transfer queries not to.
+The first table gives the share of each query set that passes. A do-no-harm design that routes
+by either detector needs the W1 queries to pass and the transfer queries not to. The second
+table routes: a query that passes goes to the ``multi-head`` model, the others to ``linear-self``
+(trained on the corpus alone), with the paired difference to knn and its bootstrap 95% CI.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 
 from headwise.memory.cli import _load, _pseudo_training_set
 from headwise.memory.datasets import embed
+from headwise.memory.enhancer import load_enhancer
+from headwise.memory.evaluate import bootstrap_ci, enhanced_retriever, knn_retriever, per_query_metrics
 from headwise.memory.transfer import read_query_file, transfer_files
 
 
@@ -61,9 +65,11 @@ def main(directory: Path) -> None:
     train = queries[ds.split["train"]]
     sets = {"W1 validation (threshold)": queries[ds.split["validation"]], "W1 test": queries[ds.split["test"]],
             "pseudo-queries (held out)": pseudo[p_va]}  # fmt: skip
+    relevant = {"W1 test": [ds.relevant[i] for i in ds.split["test"]]}
     for path in transfer_files():
         qf = read_query_file(path, ds.doc_ids)
         sets[qf.name] = embed(qf.queries, progress=False)
+        relevant[qf.name] = qf.relevant
     detectors = {"density": density_scores(train), "classifier": classifier_scores(train, pseudo[p_tr])}
     print("## Do the transfer queries look like the training queries? (share passing the 95% threshold)\n")
     print(f"Command: `.venv/bin/python scripts/ood_probe.py {directory}`\n")
@@ -73,6 +79,23 @@ def main(directory: Path) -> None:
     for name, emb in sets.items():
         shares = [f"{np.mean(f(emb) >= thresholds[n]):.3f}" for n, f in detectors.items()]
         print(f"| {name} | {len(emb):,} | " + " | ".join(shares) + " |")
+    docs = np.load(directory / "docs.npy")
+    models = {"knn": knn_retriever(docs)}
+    for name in ("multi-head", "linear-self"):
+        models[name] = enhanced_retriever(docs, load_enhancer(directory / "models" / name))
+    print("\n## Routing: passing queries to multi-head, the others to linear-self (difference to knn)\n")
+    print("| detector | query set | routed to multi-head | recall@10 | ndcg@10 |")
+    print("|---|---|---|---|---|")
+    for set_name, rel in relevant.items():
+        per = {n: per_query_metrics(r(sets[set_name], 100), rel) for n, r in models.items()}
+        for det, f in detectors.items():
+            passes = f(sets[set_name]) >= thresholds[det]
+            cells = []
+            for metric in ("recall@10", "ndcg@10"):
+                routed = np.where(passes, per["multi-head"][metric], per["linear-self"][metric])
+                diff, lo, hi = bootstrap_ci(routed - per["knn"][metric])
+                cells.append(f"{routed.mean():.3f} ({diff:+.4f} [{lo:+.4f}, {hi:+.4f}])")
+            print(f"| {det} | {set_name} | {passes.mean():.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
