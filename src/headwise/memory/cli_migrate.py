@@ -17,7 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -25,11 +28,35 @@ import typer
 from headwise.cliutil import int_in, reports_errors
 from headwise.memory.cli import memory_app
 from headwise.memory.cli_store import JsonFlag, _emit, _kv_table, _progress
+from headwise.memory.milvus_collection import is_location
 
 #: The environment variable holding Milvus credentials for either side.
 TOKEN_ENV = "MILVUS_TOKEN"
 
 Location = "a store directory, milvus://HOST:PORT/COLLECTION or milvus://PATH.db/COLLECTION"
+
+
+@contextmanager
+def _quiet_pymilvus(used: bool) -> Iterator[None]:
+    """pymilvus's own log lines off during the command (when ``used``): a failure is the command's one
+    error line, which carries Milvus's message (:func:`headwise.memory.milvus_collection.milvus_errors`)."""
+    if not used:
+        yield
+        return
+    try:
+        import pymilvus  # noqa: F401  (configures its loggers on import: adjust them after)
+    except ImportError:  # a milvus:// side then fails with the extra to install
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @memory_app.command("migrate")
@@ -49,7 +76,7 @@ def migrate_command(
 
     int_in("--batch", batch, 1, 65536)
     token = os.environ.get(TOKEN_ENV, "")
-    with _progress("migrating") as bar:
+    with _quiet_pymilvus(is_location(from_) or is_location(to)), _progress("migrating") as bar:
         task = bar.add_task("migrate", total=None)
         doc = migrate(from_, to, batch=batch, resume=resume, index=index, token=token,
                       progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip

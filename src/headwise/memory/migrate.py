@@ -116,8 +116,8 @@ def open_destination(location: str, config: dict[str, Any], *, resume: bool, tok
                                f"dim {mem.dim}, metric {mem.metric!r}")  # fmt: skip
         return mem
     if config["index"] not in INDEX_KINDS:
-        raise bad_argument("--index", f"one of {INDEX_KINDS} for a directory (the source's index is "
-                           f"{config['index']!r})", "none")  # fmt: skip
+        want = f"one of {INDEX_KINDS} for a store directory (--index, where the source's has no equivalent)"
+        raise bad_argument("--index", want, repr(config["index"]))
     return VectorMemory(dim, path=directory, **{k: v for k, v in config.items() if k != "dim"})
 
 

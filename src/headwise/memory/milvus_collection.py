@@ -188,8 +188,12 @@ LITE_SERVERS = _LiteServers()
 
 
 def connect(uri: str, token: str, timeout: float) -> Any:
-    """A pymilvus MilvusClient of ``uri`` (a HeadwiseError when it cannot be reached)."""
-    from pymilvus import MilvusClient
+    """A pymilvus MilvusClient of ``uri`` (a HeadwiseError when it cannot be reached or pymilvus is missing)."""
+    try:
+        from pymilvus import MilvusClient
+    except ImportError as exc:
+        want = "pymilvus and milvus-lite installed (pip install 'headwise[milvus]')"
+        raise bad_argument("MilvusMemory", want, f"{type(exc).__name__}: {exc}") from None
 
     hint = " (is another process using this milvus-lite directory?)" if is_local(uri) else ""
     try:
