@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -83,6 +84,7 @@ class StoreBinding:
         self._ref = weakref.ref(memory)
         self._state: tuple[int, ...] | None = None
         self._vectors: np.ndarray | None = None
+        self._guard = threading.Lock()
 
     def follows(self, memory: Any) -> bool:
         """Whether this binding reads ``memory``."""
@@ -101,7 +103,8 @@ class StoreBinding:
         lock = getattr(memory, "_lock", None)
         if lock is None:
             return self._refresh(memory)
-        with lock:  # re-entrant: a search holds it while it calls refine
+        # Shared like the search that calls refine (re-entrant); the guard: concurrent searches.
+        with lock.shared() if hasattr(lock, "shared") else lock, self._guard:
             return self._refresh(memory)
 
     def _refresh(self, memory: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -36,6 +37,7 @@ class ResultCache:
             raise bad_argument("cache_ttl", "None or a number of seconds > 0", ttl)
         self.max_size, self.ttl, self.clock = max_size, ttl, clock
         self._items: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._guard = threading.Lock()  # concurrent searches share the cache
         self.hits = self.misses = self.evictions = self.expired = self.invalidations = 0
 
     def __len__(self) -> int:
@@ -45,6 +47,10 @@ class ResultCache:
         """The cached value, or None on a miss or an expired entry (which is dropped)."""
         if self.max_size == 0:
             return None
+        with self._guard:
+            return self._get(key)
+
+    def _get(self, key: Hashable) -> Any | None:
         item = self._items.get(key)
         if item is None:
             self.misses += 1
@@ -62,17 +68,19 @@ class ResultCache:
     def put(self, key: Hashable, value: Any) -> None:
         if self.max_size == 0:
             return
-        self._items[key] = (self.clock(), value)
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_size:
-            self._items.popitem(last=False)
-            self.evictions += 1
+        with self._guard:
+            self._items[key] = (self.clock(), value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_size:
+                self._items.popitem(last=False)
+                self.evictions += 1
 
     def clear(self) -> None:
         """Drop every entry (the store calls this whenever its contents change)."""
-        if self._items:
-            self.invalidations += 1
-        self._items.clear()
+        with self._guard:
+            if self._items:
+                self.invalidations += 1
+            self._items.clear()
 
     def stats(self) -> dict[str, float]:
         looked_up = self.hits + self.misses

@@ -35,6 +35,8 @@ Example:
 
 from __future__ import annotations
 
+import threading
+
 import faiss
 import numpy as np
 import torch
@@ -111,7 +113,7 @@ class SlotIndex:
         self.version = 0
         self._bitmap: np.ndarray | None = None  # kept alive while faiss holds a pointer into it
         self._selector: faiss.IDSelector | None = None
-        self._workspace: np.ndarray | None = None  # see reconstruct(reuse=True)
+        self._workspace = threading.local()  # one per thread (concurrent searches): see reconstruct(reuse=True)
         self._stored_view: np.ndarray | None = None  # see _stored()
 
     def _new_index(self) -> faiss.Index:
@@ -209,9 +211,9 @@ class SlotIndex:
         cores for more (a batch's (n, K) candidates); "hnsw-fp16" widens its half-precision
         codes, block by block in torch.
 
-        ``reuse``: write into a workspace that this index keeps (up to ``WORKSPACE_BYTES``) and
-        overwrites on the next ``reuse`` call, instead of a new array: a fresh array of tens of
-        MB costs page faults on every batch. The caller must be done with it by then.
+        ``reuse``: write into a workspace that this index keeps per thread (up to ``WORKSPACE_BYTES``)
+        and overwrites on the thread's next ``reuse`` call, instead of a new array: a fresh array
+        of tens of MB costs page faults on every batch. The caller must be done with it by then.
         """
         slots = np.asarray(slots, dtype=np.int64)
         shape = (*slots.shape, self.dim)
@@ -221,9 +223,10 @@ class SlotIndex:
             raise HeadwiseError(f"index: expected slots in [0, {self.n_slots}), got {slots.min()}..{slots.max()}")
         size = slots.size * self.dim
         if reuse and size * 4 <= WORKSPACE_BYTES:
-            if self._workspace is None or self._workspace.size < size:
-                self._workspace = np.empty(size, dtype=np.float32)
-            out = self._workspace[:size].reshape(shape)
+            mine = getattr(self._workspace, "array", None)
+            if mine is None or mine.size < size:
+                mine = self._workspace.array = np.empty(size, dtype=np.float32)
+            out = mine[:size].reshape(shape)
         else:
             out = np.empty(shape, dtype=np.float32)
         stored = self._stored()

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from headwise.errors import HeadwiseError
@@ -77,3 +80,81 @@ class WriterLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class SharedLock:
+    """Many readers or one writer, between the threads of one process (a store's searches and writes).
+
+    ``with lock:`` takes it exclusively, re-entrant for the thread that holds it (writes call
+    one another); ``with lock.shared():`` takes it shared (searches run side by side), also
+    re-entrant, and inside the exclusive hold of the same thread. A waiting writer stops new
+    readers, so a stream of searches cannot starve a write. Taking it exclusively while holding
+    it shared would wait for ever: it raises RuntimeError instead.
+
+    Example:
+        >>> lock = SharedLock()
+        >>> with lock.shared(), lock.shared():
+        ...     lock.readers
+        1
+        >>> with lock, lock.shared():
+        ...     lock.readers
+        0
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._writer: int | None = None
+        self._depth = 0  # the writer's re-entries
+        self._waiting_writers = 0
+        self.readers = 0  # threads holding it shared
+        self._mine = threading.local()  # this thread's shared depth
+
+    def __enter__(self) -> SharedLock:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._depth += 1
+                return self
+            if getattr(self._mine, "depth", 0):
+                raise RuntimeError("SharedLock: taken exclusively by a thread that holds it shared")
+            self._waiting_writers += 1
+            try:
+                while self._writer is not None or self.readers:
+                    self._cond.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._writer = None
+                self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the lock shared for the ``with`` block (no-op inside this thread's own hold)."""
+        me = threading.get_ident()
+        depth = getattr(self._mine, "depth", 0)
+        if depth or self._writer == me:
+            self._mine.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._mine.depth = depth
+            return
+        with self._cond:
+            while self._writer is not None or self._waiting_writers:
+                self._cond.wait()
+            self.readers += 1
+        self._mine.depth = 1
+        try:
+            yield
+        finally:
+            self._mine.depth = 0
+            with self._cond:
+                self.readers -= 1
+                if not self.readers:
+                    self._cond.notify_all()

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -58,41 +59,48 @@ class MetricsCollector:
     def __init__(self, window: int = 100_000) -> None:
         self.window = window
         self._ops: dict[str, _Op] = {}
+        self._guard = threading.Lock()  # concurrent searches record side by side
 
     def record(self, op: str, seconds: float, items: int = 1) -> None:
         """One call of ``op`` that took ``seconds`` and handled ``items`` vectors or queries."""
-        entry = self._ops.get(op)
-        if entry is None:
-            entry = self._ops[op] = _Op(deque(maxlen=self.window))
-        entry.latencies_s.append(seconds)
-        entry.calls += 1
-        entry.items += items
-        entry.busy_s += seconds
+        with self._guard:
+            entry = self._ops.get(op)
+            if entry is None:
+                entry = self._ops[op] = _Op(deque(maxlen=self.window))
+            entry.latencies_s.append(seconds)
+            entry.calls += 1
+            entry.items += items
+            entry.busy_s += seconds
 
     def timer(self, op: str, items: int = 1) -> _Timer:
         """Record the time spent in the ``with`` block (also when it raises: failed calls cost time too)."""
         return _Timer(self, op, items)
 
     def reset(self) -> None:
-        self._ops.clear()
+        with self._guard:
+            self._ops.clear()
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per operation: count, items, mean/min/max/p50/p95/p99 latency (us), throughput (items/s)."""
         out: dict[str, dict[str, float]] = {}
-        for name, op in sorted(self._ops.items()):
-            lat = np.asarray(op.latencies_s, dtype=np.float64) * 1e6
+        with self._guard:
+            ops = [
+                (name, op.calls, op.items, op.busy_s, list(op.latencies_s)) for name, op in sorted(self._ops.items())
+            ]
+        for name, calls, items, busy_s, latencies in ops:
+            lat = np.asarray(latencies, dtype=np.float64) * 1e6
             p50, p95, p99 = np.percentile(lat, [50, 95, 99])
             out[name] = {
-                "count": op.calls,
-                "items": op.items,
-                "total_ms": round(op.busy_s * 1e3, 3),
+                "count": calls,
+                "items": items,
+                "total_ms": round(busy_s * 1e3, 3),
                 "mean_us": round(float(lat.mean()), 1),
                 "min_us": round(float(lat.min()), 1),
                 "max_us": round(float(lat.max()), 1),
                 "p50_us": round(float(p50), 1),
                 "p95_us": round(float(p95), 1),
                 "p99_us": round(float(p99), 1),
-                "throughput_per_s": round(op.items / op.busy_s, 1) if op.busy_s > 0 else 0.0,
+                "throughput_per_s": round(items / busy_s, 1) if busy_s > 0 else 0.0,
             }
         return out
 

@@ -39,6 +39,7 @@ class SearchPasses:
 
     _index: Any
     _lock: Any
+    _search_guard: Any
     _candidate_ef: int | None
     enhancer: Any
     cache: Any
@@ -76,14 +77,19 @@ class SearchPasses:
         self._filter_matches.clear()
 
     def _match(self, flt: CompiledFilter | None) -> MatchSet | None:
-        """The records ``flt`` matches, bound to the current index (None: no filter). Under the lock."""
+        """The records ``flt`` matches, bound to the current index (None: no filter). Under the lock.
+
+        ``_search_guard``: concurrent searches share the filter LRU, the SQLite connection and
+        the binding of a MatchSet (its faiss selector points into its bitmap).
+        """
         if flt is None:
             return None
-        match = self._filter_matches.get(flt.key)
-        if match is None:
-            match = MatchSet(matching_seqs(self._db, flt))
-            self._filter_matches.put(flt.key, match)
-        return match.bind(self._index)
+        with self._search_guard:
+            match = self._filter_matches.get(flt.key)
+            if match is None:
+                match = MatchSet(matching_seqs(self._db, flt))
+                self._filter_matches.put(flt.key, match)
+            return match.bind(self._index)
 
     def _find(
         self, q: np.ndarray, k: int, match: MatchSet | None, ef: int | None = None
@@ -99,7 +105,10 @@ class SearchPasses:
         start = time.perf_counter()
         k = check_k(k)
         flt = None if where is None else compile_filter(where)
-        with self._lock:
+        # Shared: searches run side by side (faiss searches are const); writes wait for them.
+        # What searches share besides the index (result cache, filter matches and SQLite,
+        # metrics, the index's gather workspace) is guarded where it is touched.
+        with self._lock.shared():
             use = self._use_enhancer(enhance)
             q = self._check_vectors(queries, "queries")
             n = len(q)

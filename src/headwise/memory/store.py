@@ -91,7 +91,7 @@ from headwise.memory.filters import compile_filter
 from headwise.memory.index import INDEX_KINDS, METRICS, SlotIndex
 from headwise.memory.integrity import VerifyReport, verify_store
 from headwise.memory.layout import create_on_disk, open_store, read_manifest, reconcile, sha256, write_manifest
-from headwise.memory.locking import WriterLock
+from headwise.memory.locking import SharedLock, WriterLock
 from headwise.memory.metrics import MetricsCollector
 from headwise.memory.passes import check_enhancer
 from headwise.memory.records import Feedback, Hit, Record
@@ -188,7 +188,8 @@ class VectorMemory(RecordUpdates, SearchPasses):
         self.enhancer: Any = None
         self._db = storage
         self._index = slot_index
-        self._lock = threading.RLock()
+        self._lock = SharedLock()  # `with self._lock`: exclusive (writes); `.shared()`: searches
+        self._search_guard = threading.Lock()  # what concurrent searches share (see SearchPasses._match)
         self._candidate_ef: int | None = None
         self._merge_candidates = True
         self._filter_matches = FilterMatches()
