@@ -247,7 +247,7 @@ def test_opening_checks_uri_name_schema_and_arguments(lite, tmp_path):
         with MilvusMemory(lite, "docs") as second:  # a second client in this process, same directory
             assert second.config() == mm.config() and len(second) == 20
         assert len(mm) == 20  # still served after the other client closed
-    with MilvusMemory(lite, "docs") as mm:  # reopened: its configuration is the collection's
+    with MilvusMemory.from_location(f"milvus://{lite}/docs") as mm:  # reopened: the collection's configuration
         assert (mm.dim, mm.metric, mm.index_kind, mm.config()["hnsw_m"], len(mm)) == (DIM, "l2", "hnsw", 8, 20)
     for kwargs, match in (({"dim": 16}, "dim: expected 32"), ({"metric": "ip"}, "metric: expected 'l2'"),
                           ({"index": "flat"}, "index: expected 'hnsw'")):  # fmt: skip

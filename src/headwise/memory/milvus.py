@@ -23,11 +23,11 @@ Semantics are those of the embedded store; where Milvus differs, the client make
   the uri and Milvus's message; bad arguments are refused, as by VectorMemory, before
   anything is sent.
 
-Enhanced search runs the embedded store's steps (:mod:`headwise.memory.passes`): the first
-pass asks Milvus for the top-K *with their vectors* (``output_fields=["vector"]``), the
-enhancer refines the queries locally, the second pass searches Milvus again; on an
-approximate index (HNSW, autoindex) the first pass's candidates, scored against the refined
-query, are merged into the result (``merge_candidates``).
+Enhanced search (:mod:`headwise.memory.milvus_search`) runs the embedded store's steps
+(:mod:`headwise.memory.passes`): the first pass asks Milvus for the top-K *with their vectors*
+(``output_fields=["vector"]``), the enhancer refines the queries locally, the second pass
+searches Milvus again; on an approximate index (HNSW, autoindex) the first pass's candidates,
+scored against the refined query, are merged into the result (``merge_candidates``).
 
 Not here: metadata filters (``filter=`` is refused), the result cache, feedback pairs,
 ``save``/``open``/``verify`` (Milvus persists on its own). An ``add`` of more rows than one
@@ -386,7 +386,10 @@ class MilvusMemory(MilvusSearch):
             if row is None:
                 out.append(None)
                 continue
-            meta = None if row.get("metadata") is None else json.loads(row["metadata"])
+            try:
+                meta = None if row.get("metadata") is None else json.loads(row["metadata"])
+            except json.JSONDecodeError as exc:  # written by another program
+                raise bad_argument(f"id {i}: metadata", "JSON text (as headwise writes it)", exc.msg) from None
             out.append(Record(i, np.asarray(row["vector"], dtype=np.float32), meta, row.get("text")))
         return out
 

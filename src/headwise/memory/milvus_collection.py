@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -167,20 +168,22 @@ class _LiteServers:
         self._users: dict[str, int] = {}
 
     def acquire(self, uri: str) -> None:
+        key = os.path.abspath(uri)  # the key of pymilvus's server manager
         with self._lock:
-            key = str(Path(uri).resolve())
             self._users[key] = self._users.get(key, 0) + 1
 
     def release(self, uri: str) -> None:
-        key = str(Path(uri).resolve())
+        key = os.path.abspath(uri)
         with self._lock:
             left = self._users.get(key, 0) - 1
             if left > 0:
                 self._users[key] = left
                 return
             self._users.pop(key, None)
-        from milvus_lite.server_manager import server_manager_instance
-
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+        except ImportError:  # without milvus-lite no server was started
+            return
         server_manager_instance.release_server(key)
 
 
