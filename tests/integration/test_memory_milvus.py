@@ -4,8 +4,10 @@ Every test runs milvus-lite in a temporary directory (pymilvus starts it on a th
 process); one test starts ``milvus-lite server --host 127.0.0.1 --port P`` as a separate
 process, so pymilvus's network path is exercised as it is against a Milvus server, and stops
 it again. Results are compared with a VectorMemory built on the same data with an exact
-(flat) index: the same ids, with and without an enhancer. This proves API compatibility on
-milvus-lite, not the behaviour of a Milvus cluster (docs/memory.md, "Milvus backend").
+(flat) index: the same ids, with and without an enhancer; a stateful fuzzer checks sequences of
+writes and reads against a dict model (``HEADWISE_MILVUS_FUZZ_EXAMPLES`` sequences, 8 by
+default). This proves API compatibility on milvus-lite, not the behaviour of a Milvus cluster
+(docs/memory.md, "Milvus backend").
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from tests.conftest import require_extra
 from typer.testing import CliRunner
 
@@ -420,3 +427,98 @@ def test_the_docs_snippet_runs(tmp_path, monkeypatch):
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)  # it writes ./mem.db
     exec(compile(snippet, "docs/memory.md", "exec"), {})
+
+
+FUZZ_DIM = 6
+
+
+def unit_vector(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(FUZZ_DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class MilvusMachine(RuleBasedStateMachine):
+    """Sequences of add / delete / upsert / get / search / reopen on a flat cosine collection,
+    checked at every step against a dict id -> (vector, metadata, text), as the embedded store's
+    stateful fuzzer (tests/property/test_memory_stateful.py) checks VectorMemory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="hw-milvus-fuzz-"))
+        self.uri = str(self.dir / "m.db")
+        self.mem = MilvusMemory(self.uri, "fuzz", FUZZ_DIM)
+        self.model: dict[int, tuple[np.ndarray, object, str | None]] = {}
+        self.seed = 0
+
+    def teardown(self) -> None:
+        self.mem.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _vectors(self, n: int) -> np.ndarray:
+        self.seed += n
+        return np.stack([unit_vector(self.seed - n + j) for j in range(n)])
+
+    @rule(ids=st.lists(st.integers(0, 30), min_size=1, max_size=4, unique=True), auto=st.booleans())
+    def add(self, ids, auto):
+        vecs, meta = self._vectors(len(ids)), [{"n": i} for i in ids]
+        texts = [None if i % 2 else f"t{i}" for i in ids]
+        if auto:
+            got = self.mem.add(vecs, metadata=meta, texts=texts).tolist()
+            assert not set(got) & set(self.model)
+            ids = got
+        elif set(ids) & set(self.model):
+            with pytest.raises(HeadwiseError, match="already stored"):
+                self.mem.add(vecs, ids=ids, metadata=meta, texts=texts)
+            return
+        else:
+            assert self.mem.add(vecs, ids=ids, metadata=meta, texts=texts).tolist() == ids
+        self.model.update({int(i): (v, m, t) for i, v, m, t in zip(ids, vecs, meta, texts)})
+
+    @rule(ids=st.lists(st.integers(0, 30), max_size=4))
+    def delete(self, ids):
+        assert self.mem.delete(ids) == len(set(ids) & set(self.model))
+        for i in ids:
+            self.model.pop(i, None)
+
+    @rule(ids=st.lists(st.integers(0, 30), min_size=1, max_size=3, unique=True))
+    def upsert(self, ids):
+        vecs, meta, texts = self._vectors(len(ids)), [[i, "u"] for i in ids], ["u"] * len(ids)
+        assert self.mem.upsert(vecs, ids=ids, metadata=meta, texts=texts).tolist() == ids
+        self.model.update({int(i): (v, m, t) for i, v, m, t in zip(ids, vecs, meta, texts)})
+
+    @rule()
+    def reopen(self):
+        self.mem.close()
+        self.mem = MilvusMemory(self.uri, "fuzz")
+
+    @rule(i=st.integers(0, 30))
+    def get(self, i):
+        (record,) = self.mem.get([i])
+        if i not in self.model:
+            assert record is None
+            return
+        v, m, t = self.model[i]
+        np.testing.assert_allclose(record.vector, v, rtol=1e-6, atol=1e-7)
+        assert (record.metadata, record.text) == (m, t)
+
+    @precondition(lambda self: self.model)
+    @rule(k=st.integers(1, 8), data=st.data())
+    def search(self, k, data):
+        q = self.model[data.draw(st.sampled_from(sorted(self.model)))][0]
+        scores, ids = self.mem.search(q, k)
+        found = [x for x in ids[0].tolist() if x >= 0]
+        assert len(found) == len(set(found)) == min(k, len(self.model)) and set(found) <= set(self.model)
+        assert (ids[0, len(found) :] == -1).all() and np.isneginf(scores[0, len(found) :]).all()
+        exact = sorted((float(v @ q) for v, _, _ in self.model.values()), reverse=True)[: len(found)]
+        np.testing.assert_allclose(scores[0, : len(found)], exact, rtol=1e-5, atol=1e-5)
+
+    @invariant()
+    def counts_agree(self):
+        assert len(self.mem) == len(self.model)
+        assert self.mem.ids().tolist() == sorted(self.model)
+
+
+TestMilvusMachine = MilvusMachine.TestCase
+TestMilvusMachine.settings = settings(max_examples=int(os.environ.get("HEADWISE_MILVUS_FUZZ_EXAMPLES", "8")),
+                                      stateful_step_count=15, deadline=None,
+                                      suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
