@@ -247,4 +247,4 @@ def require_extra(module: str, extra: str):
     except ImportError as exc:
         if os.environ.get("HEADWISE_REQUIRE_DATA"):
             pytest.fail(f"{module} (extra headwise[{extra}]) is missing and HEADWISE_REQUIRE_DATA is set: {exc}")
-        pytest.skip(f"{module} is missing: pip install 'headwise[{extra}]'")
+        pytest.skip(f"{module} is missing: pip install 'headwise[{extra}]'", allow_module_level=True)

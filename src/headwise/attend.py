@@ -60,10 +60,11 @@ def attend(
             Weights that would not fit in the memory available raise :class:`HeadwiseError`
             before anything is allocated (see :mod:`headwise.kernels.budget`).
         need_stats: also return per-row entropy and max weight, computed while streaming.
-        backend: "auto" (the backend estimated fastest; a recurring forward-only call is
-            measured on its close contenders and then runs the fastest, see
-            :mod:`headwise.kernels.registry`), "reference", "eager", "tiled", "sdpa" or "flex".
-            ``AttentionOutput.backend`` says which ran.
+        backend: "auto" (deterministic: the backend tuned for this problem by
+            :func:`headwise.tune`, else the one the cost model estimates fastest; the same call
+            always runs the same backend, see :mod:`headwise.kernels.registry` and
+            :func:`headwise.plan` for ``explain()``), "reference", "eager", "tiled", "sdpa"
+            or "flex". ``AttentionOutput.backend`` says which ran.
         check_finite: True raises :class:`HeadwiseError` naming q, k or v if it holds NaN
             or Inf (one reduction per tensor and a host sync, which on CUDA stalls the
             stream: a debugging aid, off by default). False lets non-finite values through

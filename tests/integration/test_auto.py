@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import headwise
 from headwise import (
     AttentionOutput,
     HeadwiseError,
@@ -159,79 +160,80 @@ def slowed(monkeypatch):
     return patch
 
 
-def test_auto_measures_a_recurring_problem_and_settles_on_the_fastest(patched_costs, slowed):
+@pytest.fixture
+def tuning_file(tmp_path, monkeypatch):
+    """A tuning file of the test's own (auto reads HEADWISE_TUNING_FILE)."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("HEADWISE_TUNING_FILE", str(path))
+    clear_choice_cache()
+    yield path
+    clear_choice_cache()
+
+
+def test_auto_runs_one_backend_with_bitwise_equal_outputs(tuning_file):
+    """100 calls of one problem, forward and forward + backward: one backend, identical bits."""
+    q, k, v = _qkv(1, 4, 2, 64, 64, 16)
+    first = attend(q, k, v, mask=causal)
+    outs = [attend(q, k, v, mask=causal) for _ in range(100)]
+    assert {o.backend for o in outs} == {first.backend}
+    assert all(torch.equal(o.out, first.out) for o in outs)
+    grads, backends = [], set()
+    for _ in range(100):
+        qg = q.clone().requires_grad_()
+        res = attend(qg, k, v, mask=sliding_window(16))
+        res.out.square().sum().backward()
+        grads.append(qg.grad)
+        backends.add(res.backend)
+    assert len(backends) == 1
+    assert all(torch.equal(g, grads[0]) for g in grads)
+
+
+def test_auto_never_times_anything_on_its_own(patched_costs, slowed, tuning_file):
     q, k, v = _qkv(1, 4, 2, 8, 8, 16)
-    # The estimates favour sdpa, but tiled (within the margin) is measurably faster; eager is
-    # estimated far slower and never measured; the reference is never a contender.
     patched_costs({"sdpa": 1.0, "tiled": 1.5, "eager": 10.0, "flex": 10.0, "reference": 1.2})
+    slowed({"sdpa": 0.01})  # the old auto measured and moved to tiled here
+    assert {attend(q, k, v).backend for _ in range(20)} == {"sdpa"}
+
+
+def test_tune_records_the_fastest_and_auto_follows_it(patched_costs, slowed, tuning_file):
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16)
+    patched_costs({"sdpa": 1.0, "tiled": 1.5, "eager": 10.0, "flex": 10.0, "reference": 10.0})
     slowed({"sdpa": 0.02})
-    ran = [attend(q, k, v).backend for _ in range(13)]
-    assert ran[:2] == ["sdpa", "sdpa"]  # first calls: the estimate
-    assert sorted(ran[2:10]) == ["sdpa"] * 4 + ["tiled"] * 4  # measured four times each, in turn
-    assert ran[10:] == ["tiled"] * 3  # settled
-    assert registry.settled_choice(_request(q, k, v)) == "tiled"
-    assert choose(_request(q, k, v), "auto").name == "tiled"
-    gold = attend(q, k, v, backend="reference").out
-    assert torch.allclose(attend(q, k, v).out, gold, atol=1e-5)
+    assert attend(q, k, v, mask=causal).backend == "sdpa"  # the cost model
+    result = headwise.tune(q, k, v, mask=causal, rounds=2, backends=("sdpa", "tiled"))
+    assert result["backend"] == "tiled" and result["median_ms"]["sdpa"] > result["median_ms"]["tiled"]
+    assert tuning_file.is_file() and result["file"] == str(tuning_file)
+    assert attend(q, k, v, mask=causal).backend == "tiled"
+    assert "tuned on this machine" in headwise.plan(q.shape, k.shape, mask=causal).explain()
+    assert attend(q, k, v).backend == "sdpa"  # another problem (no mask): not tuned
+    assert list(headwise.tuned().values())[0]["backend"] == "tiled"
+    assert headwise.clear_tuning() and not tuning_file.exists()
+    assert attend(q, k, v, mask=causal).backend == "sdpa"
 
 
-@pytest.mark.parametrize(
-    ("tiled_seconds", "calls_each"),
-    [(1.05, registry.AUTO_EXPLORE_MAX_ROUNDS), (2.0, registry.AUTO_EXPLORE_ROUNDS)],
-)
-def test_auto_measures_a_close_race_longer(tiled_seconds, calls_each):
-    # Fed fixed times (sleeps would make the race's closeness depend on the machine's load):
-    # a runner-up within AUTO_EXPLORE_CLOSE keeps both measured up to AUTO_EXPLORE_MAX_ROUNDS
-    # calls each; a clear race settles after AUTO_EXPLORE_ROUNDS.
-    state = registry._AutoState("sdpa", ("sdpa", "tiled"))
-    times = {"sdpa": 1.0, "tiled": tiled_seconds}
-    for call in range(1, calls_each + 1):
-        for name in ("sdpa", "tiled"):
-            assert state.settled is None, (call, name)
-            state.record(name, times[name] * (5.0 if call == 1 else 1.0))  # a slow first call is dropped
-    assert state.settled == "sdpa"
-    assert {n: len(t) for n, t in state.times.items()} == {"sdpa": calls_each, "tiled": calls_each}
-
-
-def test_auto_does_not_hold_a_slow_first_call_against_a_backend(patched_costs, slowed, monkeypatch):
-    import time as _time
-
+def test_a_tuned_backend_that_no_longer_serves_is_ignored(tuning_file):
     q, k, v = _qkv(1, 4, 2, 8, 8, 16)
-    patched_costs({"sdpa": 1.0, "tiled": 1.5, "eager": 10.0, "flex": 10.0})
-    slowed({"sdpa": 0.01})
-    tiled, real, calls = get_backend("tiled"), get_backend("tiled").run, []
-
-    def compiles_first(req):  # like FlexAttention's first call of a shape
-        calls.append(1)
-        if len(calls) == 1:
-            _time.sleep(0.2)
-        return real(req)
-
-    monkeypatch.setattr(tiled, "run", compiles_first)
-    for _ in range(12):
-        attend(q, k, v)
-    assert registry.settled_choice(_request(q, k, v)) == "tiled"
+    headwise.tune(q, k, v, rounds=1, backends=("sdpa",))
+    assert attend(q, k, v).backend == "sdpa"
+    assert attend(q, k, v, need_weights=True).backend == "eager"  # another problem, and sdpa refuses it
 
 
-def test_auto_keeps_the_estimate_under_autograd_and_when_told(patched_costs, slowed):
+def test_tune_refuses_what_it_cannot_record(tuning_file):
     q, k, v = _qkv(1, 4, 2, 8, 8, 16)
-    patched_costs({"sdpa": 0.5, "tiled": 0.7, "flex": 10.0})
-    slowed({"sdpa": 0.01})
-    qg = q.clone().requires_grad_()
-    assert {attend(qg, k, v).backend for _ in range(8)} == {"sdpa"}  # backward happens out of sight
-    assert registry.settled_choice(_request(qg, k, v)) is None
-    registry.set_auto_exploration(False)
-    try:
-        assert {attend(q, k, v).backend for _ in range(8)} == {"sdpa"}
-    finally:
-        registry.set_auto_exploration(True)
+    with pytest.raises(HeadwiseError, match="mask: expected a structured mask"):
+        headwise.tune(q, k, v, mask=lambda b, h, i, j: i >= j)
+    with pytest.raises(HeadwiseError, match="rounds"):
+        headwise.tune(q, k, v, rounds=0)
+    with pytest.raises(HeadwiseError, match="none of"):
+        headwise.tune(q, k, v, need_weights=True, backends=("tiled", "sdpa"))
+    assert not tuning_file.exists()
 
 
-def test_auto_with_one_close_contender_never_measures(patched_costs):
+def test_a_damaged_tuning_file_is_ignored(tuning_file):
+    tuning_file.write_text("{not json")
     q, k, v = _qkv(1, 4, 2, 8, 8, 16)
-    patched_costs({"sdpa": 0.1})  # every other backend: 1 s, 10x the estimate, outside the margin
-    assert {attend(q, k, v).backend for _ in range(8)} == {"sdpa"}
-    assert registry.settled_choice(_request(q, k, v)) is None
+    assert attend(q, k, v).backend in backend_names()
+    assert headwise.tuned() == {}
 
 
 def test_custom_backend_registration(monkeypatch):

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from headwise.attend import attend, make_request
+from headwise.attend import attend
 from headwise.bench.harness import Timing, time_interleaved
 from headwise.kernels.flex import flex_fn
-from headwise.kernels.registry import AUTO_EXPLORE_AFTER, AUTO_EXPLORE_MAX_ROUNDS, AUTO_MAX_CONTENDERS, auto_pending
 from headwise.masks import Mask, causal, sliding_window
 
 
@@ -180,15 +179,10 @@ def run_case(case: Case, repeat: int, device: str = "cpu", impls=IMPLS) -> dict[
         r = build(impl, case, q, k, v, device)
         (skipped.__setitem__(impl, r) if isinstance(r, str) else fns.__setitem__(impl, r))
     if "headwise auto" in fns:
+        # auto is deterministic (kernels/registry.py): the tuning file of this machine if
+        # `headwise.tune` recorded the problem, else the cost model; it never changes mid-run.
         stats = case.variant == "stats"
         with torch.no_grad() if not case.backward else torch.enable_grad():
-            req = make_request(q, k, v, case.mask, None, None, 0.0, False, stats)
-            # auto measures a recurring problem on its first calls (kernels/registry.py): the
-            # warm-up lets it settle, as it would in any loop that calls attend repeatedly.
-            for _ in range(AUTO_EXPLORE_AFTER + AUTO_MAX_CONTENDERS * AUTO_EXPLORE_MAX_ROUNDS):
-                if not auto_pending(req):
-                    break
-                fns["headwise auto"]()
             skipped["auto backend"] = attend(q, k, v, mask=case.mask, need_stats=stats).backend
     if case.variant == "stats" and "headwise tiled" in fns:
         # The same kernel without statistics, in the same rounds, gives the overhead.

@@ -30,22 +30,31 @@ def flex_available() -> bool:
     return True
 
 
-def flex_fn():
-    """The compiled flex_attention, shared by every call (and by the benchmark).
+#: dynamo settings for the duration of a flex call (never left set: importing or calling headwise
+#: changes no global configuration of torch). Every new shape or mask is a recompile of the same
+#: function; past dynamo's default limit of 8, torch silently falls back to an unfused
+#: flex_attention that materialises L x S: the limit is raised, and reaching it is an error.
+DYNAMO_LIMITS = {"recompile_limit": 256, "accumulated_recompile_limit": 1024, "fail_on_recompile_limit_hit": True}
 
-    Every new shape or mask is a recompile of the same function; past dynamo's default limit
-    of 8, torch silently falls back to an unfused flex_attention that materialises L x S.
-    The limit is raised, and reaching it is made an error rather than a silent slowdown.
-    """
+
+def flex_fn():
+    """The compiled flex_attention, shared by every call (and by the benchmark), as a function
+    that runs it under :data:`DYNAMO_LIMITS` (``torch._dynamo.config.patch``: set for the call,
+    restored after it)."""
     global _compiled
     if _compiled is None:
         import torch._dynamo.config as dynamo_config
         from torch.nn.attention.flex_attention import flex_attention
 
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
-        dynamo_config.fail_on_recompile_limit_hit = True
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run_compiled(*args, **kwargs):
+            limits = {k: max(getattr(dynamo_config, k), v) if isinstance(v, int) and not isinstance(v, bool) else v
+                      for k, v in DYNAMO_LIMITS.items()}  # fmt: skip
+            with dynamo_config.patch(**limits):
+                return compiled(*args, **kwargs)
+
+        _compiled = run_compiled
     return _compiled
 
 

@@ -5,18 +5,14 @@ reasons, empty when it can serve) and estimates its run time with :meth:`Backend
 An explicitly named backend that refuses raises :class:`HeadwiseError` with its reasons.
 Nothing is activated on import except the built-in backends.
 
-``auto`` runs the backend with the lowest estimate. The estimates are fitted on one machine
-and can be off by 2x on another (FlexAttention against the tiled kernel differs between
-CPU vendors), so a problem that recurs is *measured*: from its third call on (the same
-shapes, dtype, device, mask and score kinds), a forward-only call without dropout runs each
-serving backend whose estimate is within ``AUTO_EXPLORE_MARGIN`` of the lowest, four times
-each in turn, timing every call, and then settles on the fastest by the median of its last
-three times (its first call may compile or build a plan: it does not count, and one lucky
-or unlucky run does not decide). A close race (runner-up within ``AUTO_EXPLORE_CLOSE`` of the
-best) goes on to ``AUTO_EXPLORE_MAX_ROUNDS`` calls each before settling. Every exploring call does
-the real work and returns its exact result; ``AttentionOutput.backend`` names the backend
-that ran. Calls under autograd keep the estimate (their backward runs after ``attend``
-returns, out of its sight). ``set_auto_exploration(False)`` keeps auto on estimates alone.
+``auto`` is deterministic: its choice is a pure function of the problem (shapes, dtype,
+device, mask structure, score kinds, flags) and of what this machine was *tuned* for. In
+order: the backend recorded for this problem by :func:`headwise.tune` (the tuning file, see
+:mod:`headwise.kernels.tuning`) if it still serves the call; else the serving backend with
+the lowest cost estimate, where FlexAttention, which compiles for seconds per new shape or
+mask, is considered only for work of at least ``AUTO_FLEX_MIN_ELEMENTS`` scores. The same
+call picks the same backend on every call, so repeated calls give bitwise identical results;
+nothing is timed behind the user's back. :func:`decide` says why (``plan.explain()``).
 
 Example:
     >>> import torch
@@ -30,11 +26,7 @@ Example:
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from headwise.errors import HeadwiseError
 from headwise.kernels.base import AttentionOutput, Backend, MaskCache, Request
@@ -76,133 +68,71 @@ def explain(req: Request) -> dict[str, list[str]]:
     return {name: b.refusals(req) for name, b in _BACKENDS.items()}
 
 
-# Backends estimated within this factor of the cheapest are measured (see the module docstring).
-AUTO_EXPLORE_MARGIN = 3.0
-AUTO_EXPLORE_AFTER = 3  # the call of a recurring problem from which auto measures
-AUTO_EXPLORE_ROUNDS = 4  # timed calls per contender: the first is dropped, the median of the rest counts
-AUTO_EXPLORE_CLOSE = 1.25  # when the runner-up's median is within this factor of the best...
-AUTO_EXPLORE_MAX_ROUNDS = 8  # ...each contender is timed up to this many times before settling
-AUTO_MAX_CONTENDERS = 3
-_EXPLORE = True
+@dataclass(frozen=True)
+class Decision:
+    """auto's choice for one problem and its reasons: ``ranking`` is (backend, estimated cost)
+    of every serving backend, cheapest first; ``refused`` the others with their reasons."""
+
+    backend: str
+    why: str
+    ranking: tuple[tuple[str, float], ...]
+    refused: tuple[tuple[str, tuple[str, ...]], ...]
 
 
-def set_auto_exploration(enabled: bool) -> None:
-    """Turn auto's measuring of recurring problems on (the default) or off (estimates only)."""
-    global _EXPLORE
-    _EXPLORE = bool(enabled)
-    clear_choice_cache()
+def _decide(req: Request) -> Decision:
+    from headwise.kernels.tuning import tuned_backend
 
-
-@dataclass
-class _AutoState:
-    """auto's choice for one problem: the estimate's pick, and measurements once it recurs."""
-
-    estimated: str
-    contenders: tuple[str, ...]  # measured from the AUTO_EXPLORE_AFTER-th call; () never
-    calls: int = 0
-    times: dict[str, list[float]] = field(default_factory=dict)
-    settled: str | None = None
-
-    def current(self) -> str:
-        return self.settled or self.estimated
-
-    def next(self) -> tuple[str, bool]:
-        """The backend for the next call, and whether that call is timed."""
-        self.calls += 1
-        if self.settled is not None or not self.contenders or self.calls < AUTO_EXPLORE_AFTER:
-            return self.current(), False
-        return min(self.contenders, key=lambda n: len(self.times.get(n, []))), True
-
-    def record(self, name: str, seconds: float) -> None:
-        self.times.setdefault(name, []).append(seconds)
-        rounds = min(len(self.times.get(n, [])) for n in self.contenders)
-        if rounds < AUTO_EXPLORE_ROUNDS or any(len(self.times.get(n, [])) > rounds for n in self.contenders):
-            return
-        # The first call of a backend may compile (flex) or build a plan (tiled): dropped.
-        typical = {n: statistics.median(self.times[n][1:]) for n in self.contenders}
-        best, runner_up = sorted(typical.values())[:2]
-        # On a shared machine a kernel's times vary by 15-25%: a close race gets more samples
-        # so that one noisy round does not decide it.
-        if runner_up < AUTO_EXPLORE_CLOSE * best and rounds < AUTO_EXPLORE_MAX_ROUNDS:
-            return
-        self.settled = min(self.contenders, key=typical.__getitem__)
-        measured = {n: f"{1e3 * t:.3g} ms" for n, t in typical.items()}
-        log.debug("auto settled on %s (estimate: %s), measured %s", self.settled, self.estimated, measured)
-
-
-def _new_state(req: Request) -> _AutoState:
     B, Hq, _, L, S, _, _ = req.shape
-    ranked = sorted((b.cost(req), name) for name, b in _BACKENDS.items() if not b.refusals(req))
+    refusals = {name: b.refusals(req) for name, b in _BACKENDS.items()}
+    ranked = sorted((b.cost(req), name) for name, b in _BACKENDS.items() if not refusals[name])
+    refused = tuple((n, tuple(r)) for n, r in refusals.items() if r)
     if not ranked:  # the reference serves everything; only a custom registry gets here
         raise HeadwiseError("backend: no registered backend can serve this call: " + str(explain(req)))
-    # FlexAttention compiles for seconds per new shape: a first call takes it only when large.
-    first = [(c, n) for c, n in ranked if n != "flex" or B * Hq * L * S >= AUTO_FLEX_MIN_ELEMENTS] or ranked
-    estimated = first[0][1]
-    contenders: tuple[str, ...] = ()
-    if _EXPLORE and not req.needs_grad and req.dropout_p == 0:
-        close = [n for c, n in ranked if c <= AUTO_EXPLORE_MARGIN * ranked[0][0] and n != "reference"]
-        contenders = tuple(close[:AUTO_MAX_CONTENDERS]) if len(close) > 1 else ()
-    log.debug("auto estimated %s among %s; will measure %s", estimated, [n for _, n in ranked], contenders)
-    return _AutoState(estimated, contenders)
+    ranking = tuple((n, c) for c, n in ranked)
+    tuned = tuned_backend(req)
+    if tuned is not None and tuned in _BACKENDS and not refusals[tuned]:
+        return Decision(tuned, "tuned on this machine (headwise.tune; the tuning file)", ranking, refused)
+    # FlexAttention compiles for seconds per new shape: auto takes it only for large work.
+    small = B * Hq * L * S < AUTO_FLEX_MIN_ELEMENTS
+    first = [(c, n) for c, n in ranked if n != "flex" or not small] or ranked
+    why = "the lowest cost estimate among the backends that serve the call"
+    if small and ranked[0][1] == "flex" and first[0][1] != "flex":
+        why += f" (flex skipped: below {AUTO_FLEX_MIN_ELEMENTS:,} scores its compile does not pay off)"
+    return Decision(first[0][1], why, ranking, refused)
 
 
-def _state(req: Request) -> _AutoState:
+def decide(req: Request) -> Decision:
+    """auto's :class:`Decision` for ``req`` (cached per problem: it is a pure function of it)."""
     key = _choice_key(req)
-    state = _CHOICES.get(key)
-    if state is None:
-        state = _new_state(req)
-        _CHOICES.put(key, state, req.mask)  # an uncacheable mask (key None) is estimated afresh
-    return state
+    decision = _CHOICES.get(key)
+    if decision is None:
+        decision = _decide(req)
+        _CHOICES.put(key, decision, req.mask)  # an uncacheable mask (key None) is decided afresh
+        log.debug("auto chose %s for %s: %s", decision.backend, req.shape, decision.why)
+    return decision
 
 
 def choose(req: Request, backend: str = "auto") -> Backend:
-    """The backend the next call of ``req`` would run: the named one, or auto's current choice."""
+    """The backend a call of ``req`` runs: the named one, or auto's choice."""
     if backend != "auto":
         chosen = get_backend(backend)
         reasons = chosen.refusals(req)
         if reasons:
             raise HeadwiseError(f"backend: {backend!r} cannot serve this call: " + "; ".join(reasons))
         return chosen
-    return _BACKENDS[_state(req).current()]
+    return _BACKENDS[decide(req).backend]
 
 
 def run(req: Request, backend: str = "auto") -> AttentionOutput:
-    """Run ``req`` on the named backend, or on auto's choice (measuring a recurring problem)."""
-    if backend != "auto":
-        return choose(req, backend).run(req)
-    state = _state(req)
-    name, timed = state.next()
-    chosen = _BACKENDS[name]
-    if not timed:
-        return chosen.run(req)
-    cuda = req.q.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(req.q.device)
-    t0 = time.perf_counter()
-    out = chosen.run(req)
-    if cuda:
-        torch.cuda.synchronize(req.q.device)
-    state.record(name, time.perf_counter() - t0)
-    return out
-
-
-def settled_choice(req: Request) -> str | None:
-    """The backend auto settled on for ``req`` after measuring it, or None (not yet, or never)."""
-    state = _CHOICES.get(_choice_key(req))
-    return None if state is None else state.settled
-
-
-def auto_pending(req: Request) -> bool:
-    """True while auto still has calls of ``req`` to measure (benchmarks warm up until False)."""
-    state = _state(req)
-    return bool(state.contenders) and state.settled is None
+    """Run ``req`` on the named backend, or on auto's choice."""
+    return choose(req, backend).run(req)
 
 
 _CHOICES = MaskCache(256)
 
 
 def clear_choice_cache() -> None:
-    """Forget auto's choices and measurements (after changing a backend's cost model, say)."""
+    """Forget auto's cached decisions (after changing a backend's cost model or the tuning file)."""
     _CHOICES.clear()
 
 
@@ -233,7 +163,15 @@ def _choice_key(req: Request) -> tuple | None:
         req.need_stats,
         req.needs_grad,
         tuple(_BACKENDS),
+        _tuning_stamp(),
     )
+
+
+def _tuning_stamp() -> object:
+    """Which tuning file auto reads (a changed ``HEADWISE_TUNING_FILE`` is another choice)."""
+    from headwise.kernels.tuning import tuning_file
+
+    return str(tuning_file())
 
 
 def backend_table() -> str:
