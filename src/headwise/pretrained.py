@@ -61,6 +61,16 @@ def load_minilm(attn_implementation: str = "eager", path: Path | str | None = No
     return tokenizer, model
 
 
+def length_order(texts: Sequence[str]) -> list[int]:
+    """Indices of ``texts`` from the shortest to the longest (stable): batches cut from it pad little.
+
+    Example:
+        >>> length_order(["three words here", "one", "two words"])
+        [1, 2, 0]
+    """
+    return sorted(range(len(texts)), key=lambda i: len(texts[i]))
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` (N, T, D) over positions where ``attention_mask`` (N, T) is 1, L2-normalised."""
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -91,7 +101,7 @@ def encode(
     n = len(texts)
     dim = model.config.hidden_size
     out = np.empty((n, dim), dtype=np.float32)
-    order = sorted(range(n), key=lambda i: len(texts[i]))
+    order = length_order(texts)
     starts = range(0, n, batch_size)
     from rich.progress import track
 

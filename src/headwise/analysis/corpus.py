@@ -14,18 +14,22 @@ metrics (n_layers_selected, n_heads_selected).
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from headwise.analysis import metrics as M
 from headwise.analysis.cache import AttentionCache
 from headwise.analysis.hf import run_cached
-from headwise.analysis.importance import Importance, gradient_importance
+from headwise.analysis.importance import Importance, gradient_importance, importance_from_total
 from headwise.errors import bad_argument
+from headwise.pretrained import length_order
 
 TAU = 0.05  # temperature of the contrastive importance loss (as sentence-embedding training uses)
 WEIGHT_METRICS = (
@@ -111,6 +115,228 @@ def self_contrast_loss(model: Any, batch: dict[str, Tensor]) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits)))
 
 
+@dataclass(frozen=True)
+class AnalysisPlan:
+    """What every batch of one analysis needs: the same for the in-process and the Ray engine.
+
+    ``importance`` is already False for a corpus of one text (the loss contrasts texts).
+    ``to_dict`` / ``from_dict`` carry a plan to another process as plain JSON values.
+    """
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    stats_only: bool = False
+    importance: bool = True
+    max_length: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "heads": list(self.heads), "stats_only": self.stats_only,
+                "importance": self.importance, "max_length": self.max_length}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnalysisPlan:
+        return cls(tuple(data["layers"]), tuple(data["heads"]), bool(data["stats_only"]), bool(data["importance"]),
+                   int(data["max_length"]))  # fmt: skip
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return STATS_METRICS if self.stats_only else WEIGHT_METRICS
+
+
+def plan_analysis(
+    texts: Sequence[str],
+    config: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    stats_only: bool = False,
+    importance: bool = True,
+    batch_size: int = 32,
+    max_length: int = 128,
+) -> tuple[AnalysisPlan, list[list[int]]]:
+    """The checked plan and the batches (lists of text indices, shortest texts first).
+
+    ``config`` is the model's transformers config (``num_hidden_layers``, ``num_attention_heads``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> cfg = SimpleNamespace(num_hidden_layers=6, num_attention_heads=12)
+        >>> plan, batches = plan_analysis(["a long text", "short", "mid one"], cfg, layers=[5, 0], batch_size=2)
+        >>> plan.layers, len(plan.heads), batches
+        ((0, 5), 12, [[1, 2], [0]])
+    """
+    if isinstance(texts, str) or len(texts) == 0:
+        raise bad_argument("texts", "a non-empty sequence of strings", repr(texts)[:60])
+    if batch_size < 1:
+        raise bad_argument("batch_size", "an integer >= 1", batch_size)
+    n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
+    for name, sel, top in (("layers", layers, n_layers), ("heads", heads, n_heads)):
+        if sel is not None and any(not 0 <= int(i) < top for i in sel):
+            raise bad_argument(name, f"indices in [0, {top})", list(sel))
+    plan = AnalysisPlan(
+        tuple(sorted({int(i) for i in layers})) if layers is not None else tuple(range(n_layers)),
+        tuple(sorted({int(i) for i in heads})) if heads is not None else tuple(range(n_heads)),
+        stats_only,
+        importance and len(texts) > 1,
+        max_length,
+    )
+    order = length_order(texts)  # less padding per batch
+    return plan, [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+
+
+@dataclass
+class BatchPartial:
+    """The sums one batch adds to an analysis; :func:`combine` adds them up in batch order.
+
+    Shapes (Ls, Hs: selected layers and heads, K = Ls * Hs): ``sums[name]`` (Ls, Hs) float64
+    (per-head metric summed over the batch's real query rows); ``js_sum``, ``dots`` (K, K)
+    float64; ``cls_sum`` (Ls, 3) float64; ``grad_abs`` (num_layers, H) float64, |dL/dg| of
+    the batch, or None; ``example_weights[layer]`` (Hs, m, m) of the first text of batch 0.
+    ``to_bytes`` / ``from_bytes`` move it between processes as an ``.npz`` (no pickle).
+    """
+
+    sums: dict[str, Tensor]
+    n_texts: int
+    n_tokens: int
+    js_sum: Tensor | None = None
+    dots: Tensor | None = None
+    cls_sum: Tensor | None = None
+    grad_abs: Tensor | None = None
+    example_tokens: list[str] = field(default_factory=list)
+    example_weights: dict[int, Tensor] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {f"sum.{k}": v.numpy() for k, v in self.sums.items()}
+        for name in ("js_sum", "dots", "cls_sum", "grad_abs"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name).numpy()
+        arrays.update({f"example.{lay}": w.numpy() for lay, w in self.example_weights.items()})
+        meta = {"n_texts": self.n_texts, "n_tokens": self.n_tokens, "example_tokens": self.example_tokens}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BatchPartial:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != "meta"}
+            meta = json.loads(bytes(z["meta"]).decode())
+        return cls(
+            sums={k.removeprefix("sum."): v for k, v in arrays.items() if k.startswith("sum.")},
+            n_texts=meta["n_texts"],
+            n_tokens=meta["n_tokens"],
+            js_sum=arrays.get("js_sum"),
+            dots=arrays.get("dots"),
+            cls_sum=arrays.get("cls_sum"),
+            grad_abs=arrays.get("grad_abs"),
+            example_tokens=meta["example_tokens"],
+            example_weights={int(k.split(".")[1]): v for k, v in arrays.items() if k.startswith("example.")},
+        )
+
+
+def analyze_batch(
+    chunk: Sequence[str], tokenizer: Any, model: Any, plan: AnalysisPlan, *, example: bool = False
+) -> BatchPartial:
+    """Analyse one batch of texts (a model loaded with ``attn_implementation="headwise"``).
+
+    ``example`` keeps the first text's tokens and weights (the figures draw them): the
+    engines pass it for batch 0 only.
+    """
+    lay_sel, head_sel = list(plan.layers), list(plan.heads)
+    cache = AttentionCache(lay_sel, head_sel, mode="stats" if plan.stats_only else "weights")
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    batch = tokenizer(list(chunk), padding=True, truncation=True, max_length=plan.max_length, return_tensors="pt")
+    with torch.no_grad():
+        out = run_cached(model, dict(batch), cache)
+    tm = batch["attention_mask"].bool()  # (B, L) real tokens
+    n = tm.sum(1)
+    part = BatchPartial({}, n_texts=len(chunk), n_tokens=int(n.sum()))
+    rows = tm.unsqueeze(1).double()  # (B, 1, L) weights of each query row in the means
+    per_layer: dict[str, list[Tensor]] = {name: [] for name in plan.metric_names}
+    cls_rows = []
+    for lay in lay_sel:
+        if plan.stats_only:
+            ent = torch.stack([cache[lay, h].entropy for h in head_sel], 1).double()
+            mx = torch.stack([cache[lay, h].max_weight for h in head_sel], 1).double()
+            log_n = n.double().log().clamp_min(1e-30).view(-1, 1, 1)
+            per_row = {"entropy": ent, "normalized_entropy": ent / log_n, "max_weight": mx}
+        else:
+            w = cache.layer_weights(lay).double()  # (B, Hs, L, S), zero beyond each text's keys
+            per_row = _weight_metrics(w, batch["input_ids"], tokenizer, special_ids, n)
+            cls_rows.append(_cls_targets(w, batch["input_ids"], tokenizer))
+        for name in plan.metric_names:
+            per_layer[name].append((per_row[name] * rows).sum((0, 2)))
+    part.sums = {name: torch.stack(v) for name, v in per_layer.items()}
+    if not plan.stats_only:
+        part.cls_sum = torch.stack(cls_rows)
+        # float32 here: the (K, K, rows, S) work of the JS matrix dominates the analysis.
+        allw = torch.stack([cache.layer_weights(lay) for lay in lay_sel], 1).flatten(1, 2)
+        x = allw.transpose(0, 1)[:, tm]  # (K, rows, S) real query rows of every text
+        part.js_sum = M.js_matrix(x, reduction="sum").double()
+        flat = x.reshape(len(lay_sel) * len(head_sel), -1).double()
+        part.dots = flat @ flat.T
+        if example:
+            m = int(n[0])
+            part.example_tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0, :m].tolist())
+            part.example_weights = {lay: cache.layer_weights(lay)[0, :, :m, :m].clone() for lay in lay_sel}
+    cache.clear()
+    if plan.importance and len(chunk) > 1:
+        from headwise.pretrained import mean_pool
+
+        ref = mean_pool(out.last_hidden_state, batch["attention_mask"])
+        part.grad_abs = gradient_importance_frozen(model, [{**batch, "reference": ref}]).raw
+    return part
+
+
+def combine(plan: AnalysisPlan, partials: Sequence[BatchPartial]) -> CorpusAnalysis:
+    """The analysis of a corpus from its batches' partial sums, added up in the order given."""
+    if not partials:
+        raise bad_argument("partials", "at least one analysed batch", "none")
+    lay_sel, head_sel = list(plan.layers), list(plan.heads)
+    res = CorpusAnalysis(lay_sel, head_sel, {})
+    sums = {n: torch.zeros(len(lay_sel), len(head_sel), dtype=torch.float64) for n in plan.metric_names}
+    K = len(lay_sel) * len(head_sel)
+    js_sum = torch.zeros(K, K, dtype=torch.float64)
+    dots = torch.zeros(K, K, dtype=torch.float64)
+    cls_sum = torch.zeros(len(lay_sel), 3, dtype=torch.float64)
+    grad_total, n_grad = None, 0
+    for part in partials:
+        res.n_texts += part.n_texts
+        res.n_tokens += part.n_tokens
+        for name in plan.metric_names:
+            sums[name] += part.sums[name]
+        if not plan.stats_only:
+            js_sum += part.js_sum
+            dots += part.dots
+            cls_sum += part.cls_sum
+            if part.example_tokens and not res.example_tokens:
+                res.example_tokens, res.example_weights = part.example_tokens, part.example_weights
+        if part.grad_abs is not None:
+            grad_total = part.grad_abs.clone() if grad_total is None else grad_total + part.grad_abs
+            n_grad += 1
+    res.n_rows = res.n_tokens  # every real token is one query row
+    res.metrics = {name: (s / res.n_rows).float() for name, s in sums.items()}
+    if not plan.stats_only:
+        res.js = (js_sum / res.n_rows).float()
+        norm = dots.diagonal().sqrt().clamp_min(1e-30)
+        res.cosine = (dots / norm.view(-1, 1) / norm.view(1, -1)).float()
+        res.patterns = [
+            [
+                M.classify_masses(float(res.metrics["vertical"][i, j]), float(res.metrics["diagonal"][i, j]))
+                for j in range(len(head_sel))
+            ]
+            for i in range(len(lay_sel))
+        ]
+        res.cls_targets = {
+            lay: dict(zip(("cls", "sep", "other"), (cls_sum[i] / res.n_texts).tolist(), strict=True))
+            for i, lay in enumerate(lay_sel)
+        }
+    if grad_total is not None:
+        res.importance = importance_from_total(grad_total, n_grad)
+    return res
+
+
 def analyze_texts(
     texts: Sequence[str],
     tokenizer: Any,
@@ -124,8 +350,10 @@ def analyze_texts(
     max_length: int = 128,
     progress: Callable[[int, int], None] | None = None,
 ) -> CorpusAnalysis:
-    """Analyse ``texts`` with a model loaded with ``attn_implementation="headwise"``.
+    """Analyse ``texts`` in this process with a model loaded with ``attn_implementation="headwise"``.
 
+    :func:`plan_analysis`, then :func:`analyze_batch` per batch and :func:`combine`: the Ray
+    engine (headwise.engines.ray_data) runs the same three steps with the batches on workers.
     ``progress(done, total)`` is called after each batch (the CLI draws a bar with it).
     Gradient importance needs two texts or more (the loss contrasts texts of a batch).
 
@@ -140,91 +368,14 @@ def analyze_texts(
         >>> res.patterns, round(float(res.metrics["max_weight"][0, 0]), 2) > 0.8
         ([['vertical+diagonal']], True)
     """
-    if isinstance(texts, str) or len(texts) == 0:
-        raise bad_argument("texts", "a non-empty sequence of strings", repr(texts)[:60])
-    if batch_size < 1:
-        raise bad_argument("batch_size", "an integer >= 1", batch_size)
-    cfg = model.config
-    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
-    for name, sel, top in (("layers", layers, n_layers), ("heads", heads, n_heads)):
-        if sel is not None and any(not 0 <= int(i) < top for i in sel):
-            raise bad_argument(name, f"indices in [0, {top})", list(sel))
-    lay_sel = sorted(set(layers)) if layers is not None else list(range(n_layers))
-    head_sel = sorted(set(heads)) if heads is not None else list(range(n_heads))
-    names = STATS_METRICS if stats_only else WEIGHT_METRICS
-    sums = {n: torch.zeros(len(lay_sel), len(head_sel), dtype=torch.float64) for n in names}
-    res = CorpusAnalysis(lay_sel, head_sel, {})
-    K = len(lay_sel) * len(head_sel)
-    js_sum = torch.zeros(K, K, dtype=torch.float64)
-    dots = torch.zeros(K, K, dtype=torch.float64)
-    cls_sum = {lay: torch.zeros(3, dtype=torch.float64) for lay in lay_sel}
-    cache = AttentionCache(lay_sel, head_sel, mode="stats" if stats_only else "weights")
-    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
-    grad_batches = []
-    starts = list(range(0, len(texts), batch_size))
-    for done, start in enumerate(starts, 1):
-        chunk = [texts[i] for i in order[start : start + batch_size]]
-        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.no_grad():
-            out = run_cached(model, dict(batch), cache)
-        tm = batch["attention_mask"].bool()  # (B, L) real tokens
-        n = tm.sum(1)
-        res.n_texts += len(chunk)
-        res.n_tokens += int(n.sum())
-        res.n_rows += int(n.sum())
-        if importance and len(texts) > 1 and len(chunk) > 1:
-            from headwise.pretrained import mean_pool
-
-            ref = mean_pool(out.last_hidden_state, batch["attention_mask"])
-            grad_batches.append({**batch, "reference": ref})
-        rows = tm.unsqueeze(1).double()  # (B, 1, L) weights of each query row in the means
-        for i, lay in enumerate(lay_sel):
-            if stats_only:
-                ent = torch.stack([cache[lay, h].entropy for h in head_sel], 1).double()
-                mx = torch.stack([cache[lay, h].max_weight for h in head_sel], 1).double()
-                log_n = n.double().log().clamp_min(1e-30).view(-1, 1, 1)
-                per_row = {"entropy": ent, "normalized_entropy": ent / log_n, "max_weight": mx}
-            else:
-                w = cache.layer_weights(lay).double()  # (B, Hs, L, S), zero beyond each text's keys
-                per_row = _weight_metrics(w, batch["input_ids"], tokenizer, special_ids, n)
-                cls_sum[lay] += _cls_targets(w, batch["input_ids"], tokenizer)
-            for name in names:
-                sums[name][i] += (per_row[name] * rows).sum((0, 2))
-        if not stats_only:
-            # float32 here: the (K, K, rows, S) work of the JS matrix dominates the analysis.
-            allw = torch.stack([cache.layer_weights(lay) for lay in lay_sel], 1).flatten(1, 2)
-            x = allw.transpose(0, 1)[:, tm]  # (K, rows, S) real query rows of every text
-            js_sum += M.js_matrix(x, reduction="sum").double()
-            flat = x.reshape(K, -1).double()
-            dots += flat @ flat.T
-            if not res.example_tokens:
-                first = 0
-                m = int(n[first])
-                res.example_tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][first, :m].tolist())
-                res.example_weights = {lay: cache.layer_weights(lay)[first, :, :m, :m].clone() for lay in lay_sel}
-        cache.clear()
+    plan, batches = plan_analysis(texts, model.config, layers=layers, heads=heads, stats_only=stats_only,
+                                  importance=importance, batch_size=batch_size, max_length=max_length)  # fmt: skip
+    partials = []
+    for done, idx in enumerate(batches, 1):
+        partials.append(analyze_batch([texts[i] for i in idx], tokenizer, model, plan, example=done == 1))
         if progress is not None:
-            progress(done, len(starts))
-    res.metrics = {name: (s / res.n_rows).float() for name, s in sums.items()}
-    if not stats_only:
-        res.js = (js_sum / res.n_rows).float()
-        norm = dots.diagonal().sqrt().clamp_min(1e-30)
-        res.cosine = (dots / norm.view(-1, 1) / norm.view(1, -1)).float()
-        res.patterns = [
-            [
-                M.classify_masses(float(res.metrics["vertical"][i, j]), float(res.metrics["diagonal"][i, j]))
-                for j in range(len(head_sel))
-            ]
-            for i in range(len(lay_sel))
-        ]
-        res.cls_targets = {
-            lay: dict(zip(("cls", "sep", "other"), (s / res.n_texts).tolist(), strict=True))
-            for lay, s in cls_sum.items()
-        }
-    if grad_batches:
-        res.importance = gradient_importance_frozen(model, grad_batches)
-    return res
+            progress(done, len(batches))
+    return combine(plan, partials)
 
 
 def gradient_importance_frozen(model: Any, batches: list, gates: Tensor | None = None) -> Importance:

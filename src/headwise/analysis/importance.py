@@ -192,6 +192,15 @@ def gradient_importance(
             n += 1
     if n == 0:
         raise bad_argument("batches", "at least one batch", "none")
+    return importance_from_total(total, n)
+
+
+def importance_from_total(total: Tensor, n: int) -> Importance:
+    """:class:`Importance` from the sum over ``n`` batches of |dL/dg| (num_layers, H), float64.
+
+    Summing per-batch gradients in the same order gives the same bits as
+    :func:`gradient_importance` over all batches at once (the corpus engines use this).
+    """
     raw = total / n
     norm = raw.norm(dim=1, keepdim=True).clamp_min(1e-20)
     return Importance(raw, raw / norm)
