@@ -4,6 +4,8 @@ Wire it into a typer app with ``app.command("analyze")(analyze)``. It prints a r
 per-head metrics and where each layer's [CLS] row attends, and writes ``analysis.json`` and
 PNG figures (per-head heatmaps, head x head diversity, entropy per layer, importance) to
 ``--out``. ``--file`` reads one text per non-empty line, with a progress bar.
+``--engine ray`` runs the batches on Ray Data workers (headwise.engines.ray_data) and writes
+the same ``analysis.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -19,6 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from headwise.cliutil import int_in, one_line, out_dir, read_text, reports_errors
+from headwise.engines import ADDRESS_HELP, ENGINE_HELP, WORKERS_HELP, make_engine
 from headwise.errors import HeadwiseError, bad_argument
 
 # No encoder has this many layers or heads: the bound of the syntax check made before the
@@ -68,6 +72,9 @@ def analyze(
     importance: bool = typer.Option(True, help="Gradient head importance (needs 2+ texts)."),
     out: Path | None = typer.Option(None, help="Directory for analysis.json and PNG figures."),
     batch_size: int = typer.Option(32, help=f"Texts per forward pass, 1 to {MAX_BATCH_SIZE}."),
+    engine: str = typer.Option("local", help=ENGINE_HELP),
+    ray_address: str | None = typer.Option(None, help=ADDRESS_HELP),
+    workers: int | None = typer.Option(None, help=WORKERS_HELP),
 ) -> None:
     """Per-head attention metrics, [CLS] targets, diversity and importance of a transformers encoder."""
     # Every bad input fails in one line on stderr with exit status 2 (headwise.cliutil), and
@@ -84,34 +91,31 @@ def analyze(
         raise bad_argument("--model", "'minilm' or a transformers model directory (with config.json)", repr(model))
     if out is not None:
         out_dir(out)
+    runner = make_engine(engine, ray_address, workers)
+    if runner is None:
+        tok, net = _load_model(model)
+        cfg = net.config
+    else:
+        from headwise.engines.ray_data import model_config
 
-    from headwise.analysis import register
-    from headwise.analysis.corpus import analyze_texts
-    from headwise.pretrained import load_minilm
-
-    register()
-    try:
-        tok, net = load_minilm("headwise", path=None if model == "minilm" else model)
-    except HeadwiseError:  # already says what is wrong (the bundled model is not installed)
-        raise
-    except (OSError, ValueError, KeyError) as exc:  # transformers' ways of saying "not a model"
-        raise bad_argument("--model", "a loadable transformers encoder", f"{model!r} ({one_line(exc)[:200]})") from None
-    cfg = net.config
+        cfg = model_config(model)  # the workers load the weights
     lay_sel = parse_indices(layers, "--layers", cfg.num_hidden_layers)
     head_sel = parse_indices(heads, "--heads", cfg.num_attention_heads)
+    options = {"layers": lay_sel, "heads": head_sel, "stats_only": stats_only, "importance": importance,
+               "batch_size": batch_size}  # fmt: skip
     with Progress(console=console, transient=True, disable=len(texts) <= batch_size) as bar:
-        task = bar.add_task("analysing", total=None)
-        res = analyze_texts(
-            texts,
-            tok,
-            net,
-            layers=lay_sel,
-            heads=head_sel,
-            stats_only=stats_only,
-            importance=importance,
-            batch_size=batch_size,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        task = bar.add_task("analysing" if runner is None else "analysing (ray)", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if runner is None:
+            from headwise.analysis.corpus import analyze_texts
+
+            res = analyze_texts(texts, tok, net, progress=progress, **options)
+        else:
+            with runner:  # shuts Ray down if this command started it
+                res = runner.analyze(texts, model=model, progress=progress, **options)
     console.print(_metrics_table(res, stats_only))
     if res.cls_targets:
         cls = Table(title="Where the [CLS] row attends (mean over heads and texts)")
@@ -132,6 +136,20 @@ def analyze(
         os.replace(tmp, out / "analysis.json")
         written = write_figures(res, out)
         console.print(f"wrote {out / 'analysis.json'} and {len(written)} figures to {out}")
+
+
+def _load_model(model: str) -> tuple[Any, Any]:
+    """(tokenizer, model) with headwise's attention, or a HeadwiseError naming --model."""
+    from headwise.analysis import register
+    from headwise.pretrained import load_minilm
+
+    register()
+    try:
+        return load_minilm("headwise", path=None if model == "minilm" else model)
+    except HeadwiseError:  # already says what is wrong (the bundled model is not installed)
+        raise
+    except (OSError, ValueError, KeyError) as exc:  # transformers' ways of saying "not a model"
+        raise bad_argument("--model", "a loadable transformers encoder", f"{model!r} ({one_line(exc)[:200]})") from None
 
 
 def _texts(text: str | None, file: Path | None) -> list[str]:

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from headwise.cliutil import fail, out_dir, out_file
+from headwise.engines import ADDRESS_HELP, ENGINE_HELP, WORKERS_HELP, make_engine
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.memory.datasets import RetrievalDataset, embed_dataset, load_dataset
@@ -179,11 +180,16 @@ def build(
     ),
     seed: Annotated[int, typer.Option(help="seed of the random query split")] = 20240505,
     limit: Annotated[int | None, typer.Option(help="WordNet only: first N synsets of each part of speech")] = None,
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "local",
+    ray_address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
+    workers: Annotated[int | None, typer.Option(help=WORKERS_HELP)] = None,
 ) -> None:
     """Load a dataset (built-in or your own corpus), embed it with MiniLM (cached), write the working directory."""
+    runner = None
     try:
         t0 = time.perf_counter()
         out_dir(out)
+        runner = make_engine(engine, ray_address, workers)
         if (dataset is None) == (corpus is None):
             raise bad_argument("--dataset/--corpus", "exactly one of them", f"dataset={dataset}, corpus={corpus}")
         if queries is not None and corpus is None:
@@ -195,9 +201,12 @@ def build(
         else:
             source = str(Path(dataset).resolve()) if Path(dataset).is_file() else dataset
         ds = _dataset_from(source, limit)
-        docs, queries_emb = embed_dataset(ds, progress=True)
+        docs, queries_emb = embed_dataset(ds, progress=True, engine=runner)
     except HeadwiseError as exc:
         _fail(exc)
+    finally:
+        if runner is not None:
+            runner.close()  # shuts Ray down if this command started it
     out.mkdir(parents=True, exist_ok=True)
     for name, arr in (("docs.npy", docs), ("queries.npy", queries_emb)):
         tmp = out / f".{name}.tmp.npy"

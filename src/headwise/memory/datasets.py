@@ -31,6 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -40,6 +41,13 @@ CACHE_DIR = Path(os.environ.get("HEADWISE_CACHE", Path(__file__).resolve().paren
 DEBIAN_SAMPLE = Path(__file__).resolve().parents[3] / "data" / "debian" / "descriptions.jsonl.gz"
 SPLIT_SEED = 20240505
 SPLITS = ("train", "validation", "test")
+ENCODE_BATCH = 128  # texts per MiniLM forward when embedding a corpus (a Ray block holds a multiple of it)
+
+
+class TextEngine(Protocol):
+    """Embeds texts somewhere else than in this process (``headwise.engines.ray_data.RayEngine``)."""
+
+    def embed(self, texts: list[str], *, progress: bool, description: str) -> np.ndarray: ...
 
 
 def split_indices(n: int, *, seed: int = SPLIT_SEED, test: int = 5000, validation: int = 2000) -> dict[str, np.ndarray]:
@@ -144,12 +152,20 @@ def wordnet_w1(
 
 
 def embed(
-    texts: Sequence[str], *, cache: bool = True, progress: bool = True, description: str = "encoding"
+    texts: Sequence[str],
+    *,
+    cache: bool = True,
+    progress: bool = True,
+    description: str = "encoding",
+    engine: TextEngine | None = None,
 ) -> np.ndarray:
     """MiniLM embeddings (N, 384) float32 of ``texts``, cached under ``CACHE_DIR/embeddings``.
 
     The cache key hashes the model directory name, the max length and every text, so a changed
     corpus never reads stale vectors. Writes go to a temporary file renamed into place.
+    ``engine`` computes a cache miss elsewhere (``headwise.engines.ray_data.RayEngine``: Ray
+    Data workers); None encodes in this process. Both run :func:`headwise.pretrained.encode`
+    on the same length-sorted batches, so the vectors agree to float rounding.
     """
     from headwise.pretrained import encode, load_minilm, minilm_path
 
@@ -162,8 +178,11 @@ def embed(
         arr = np.load(path, allow_pickle=False)
         if arr.shape == (len(texts), 384):
             return arr
-    tokenizer, model = load_minilm()
-    arr = encode(list(texts), tokenizer, model, batch_size=128, progress=progress, description=description)
+    if engine is not None:
+        arr = engine.embed(list(texts), progress=progress, description=description)
+    else:
+        tokenizer, model = load_minilm()
+        arr = encode(list(texts), tokenizer, model, batch_size=ENCODE_BATCH, progress=progress, description=description)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
@@ -172,10 +191,12 @@ def embed(
     return arr
 
 
-def embed_dataset(ds: RetrievalDataset, *, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(document embeddings (N, 384), query embeddings (Q, 384)) of a dataset, cached."""
-    docs = embed(ds.documents, progress=progress, description=f"{ds.name}: documents")
-    queries = embed(ds.queries, progress=progress, description=f"{ds.name}: queries")
+def embed_dataset(
+    ds: RetrievalDataset, *, progress: bool = True, engine: TextEngine | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(document embeddings (N, 384), query embeddings (Q, 384)) of a dataset, cached (see :func:`embed`)."""
+    docs = embed(ds.documents, progress=progress, description=f"{ds.name}: documents", engine=engine)
+    queries = embed(ds.queries, progress=progress, description=f"{ds.name}: queries", engine=engine)
     return docs, queries
 
 
