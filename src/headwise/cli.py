@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from headwise.analysis.cli import analyze
+from headwise.bench.corpus import bench_corpus
 from headwise.cliutil import OneLineErrors, fail, in_dir, in_file, int_in, out_dir, out_file, read_text, reports_errors
 from headwise.errors import bad_argument
 from headwise.memory.cli import bench as memory_bench
@@ -215,6 +216,7 @@ def bench_analysis(
 
 
 bench_app.command("memory")(memory_bench)
+bench_app.command("corpus")(bench_corpus)
 
 
 @bench_app.command("serve")
