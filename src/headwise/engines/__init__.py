@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 ENGINES = ("local", "ray")
 MAX_WORKERS = 1024
-ENGINE_HELP = "Where the batches run: 'local' (this process) or 'ray' (Ray Data workers, pip install 'headwise[ray]')."
+ENGINE_HELP = "Where the batches run: 'local' (this process) or 'ray' (Ray Data workers; needs the ray extra)."
 ADDRESS_HELP = (
     "With --engine ray: a cluster (host:port, ray://host:port, auto); default $RAY_ADDRESS, else a local Ray."
 )
