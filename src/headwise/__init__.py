@@ -1,6 +1,7 @@
 """headwise: multi-head attention, head by head. Exact, fast and inspectable."""
 
 from headwise.attend import attend
+from headwise.caches import cache_info, clear_caches
 from headwise.errors import HeadwiseError
 from headwise.kernels.base import AttentionOutput, AttentionStats
 from headwise.kernels.tuning import clear_tuning, tune, tuned, tuning_file
@@ -18,6 +19,8 @@ __all__ = [
     "tuned",
     "tuning_file",
     "clear_tuning",
+    "clear_caches",
+    "cache_info",
     "AttentionOutput",
     "AttentionStats",
     "HeadwiseError",

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from headwise.analysis.cache import AttentionCache
 from headwise.attend import attend
+from headwise.caches import on_clear
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.masks import Mask, and_masks, causal, padding
 
@@ -58,6 +59,7 @@ _ACTIVE: ContextVar[AttentionCache | None] = ContextVar("headwise_attention_cach
 # One tuple (weakref to the tensor, its _version, (is_causal, L, S), result), swapped whole so
 # that threads never see a half-updated entry.
 _LAST_MASK: list[tuple | None] = [None]
+on_clear("transformers.last_mask", lambda: _LAST_MASK.__setitem__(0, None))
 
 
 def register(name: str = IMPLEMENTATION) -> str:

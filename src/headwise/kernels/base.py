@@ -6,9 +6,7 @@ query heads share one key/value head), L queries, S keys, E query/key dim, Ev va
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -130,34 +128,6 @@ def attention_flops(req: Request, density: float = 1.0) -> float:
     """Multiply-adds of QK^T and AV over the attended fraction ``density`` of L x S."""
     B, Hq, _, L, S, E, Ev = req.shape
     return 2.0 * B * Hq * L * S * (E + Ev) * density
-
-
-class MaskCache:
-    """A small LRU cache of what backends derive from a mask (plans, dense masks, block masks).
-
-    A key of None (an uncacheable mask, see ``Mask.cache_key``) is never stored. The mask is
-    kept alive next to its value, so an id-based key cannot be reused by another mask.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
-
-    def get(self, key: tuple | None) -> Any:
-        if key is None or key not in self._items:
-            return None
-        self._items.move_to_end(key)
-        return self._items[key][0]
-
-    def put(self, key: tuple | None, value: Any, mask: object = None) -> None:
-        if key is None:
-            return
-        self._items[key] = (value, mask)
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()
 
 
 # Largest |logit| for which softmax may take exp(s) with no row shift: e^30 leaves float32

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from headwise.kernels.base import AttentionOutput, Backend, MaskCache, Request, attention_flops
+from headwise.caches import BoundedCache
+from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
 
 # Compiled FlexAttention on 2 CPU cores ran at about 40 GFLOP/s of visited blocks.
 _SECONDS_PER_FLOP = 1 / 40e9
 _SECONDS_PER_CALL = 1e-3
 _BLOCK = 128
-_BLOCK_MASKS = MaskCache(32)
+_BLOCK_MASKS = BoundedCache("flex.block_masks", 32)
 _compiled = None
 
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from headwise.caches import BoundedCache
 from headwise.errors import HeadwiseError
-from headwise.kernels.base import AttentionOutput, Backend, MaskCache, Request
+from headwise.kernels.base import AttentionOutput, Backend, Request
 from headwise.kernels.eager import EagerBackend
 from headwise.kernels.flex import FlexBackend
 from headwise.kernels.reference import ReferenceBackend
@@ -128,7 +129,7 @@ def run(req: Request, backend: str = "auto") -> AttentionOutput:
     return choose(req, backend).run(req)
 
 
-_CHOICES = MaskCache(256)
+_CHOICES = BoundedCache("attend.decisions", 256)
 
 
 def clear_choice_cache() -> None:

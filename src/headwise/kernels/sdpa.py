@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.kernels.base import AttentionOutput, Backend, MaskCache, Request, attention_flops
+from headwise.caches import BoundedCache
+from headwise.kernels.base import AttentionOutput, Backend, Request, attention_flops
 from headwise.masks import causal, grid_indices
 from headwise.scores import ScoreChain, _Alibi, _Temperature
 
@@ -41,7 +42,7 @@ def _score_parts(req: Request):
     return factor, alibi_part
 
 
-_MASKS = MaskCache(8)
+_MASKS = BoundedCache("sdpa.dense_masks", 8)
 _MASK_CACHE_MAX_ELEMENTS = 1 << 26  # 64 MB of bools
 
 

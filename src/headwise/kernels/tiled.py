@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from headwise.caches import BoundedCache
 from headwise.kernels.base import BOUNDED_LOGIT_LIMIT as _BOUNDED_LOGIT_LIMIT
-from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, MaskCache, Request
+from headwise.kernels.base import AttentionOutput, AttentionStats, Backend, Request
 from headwise.kernels.tiled_stats import StatsGrad, row_delta
 from headwise.kernels.unshifted import ALL_ROWS, NO_ROWS, unshifted_rows
 from headwise.masks import EMPTY, FULL, Mask, classify_blocks
@@ -131,7 +132,7 @@ def _with_spans(plan: TiledPlan, span_keys: int | None, need_stats: bool) -> Til
     return plan
 
 
-_PLANS = MaskCache(64)
+_PLANS = BoundedCache("tiled.block_plans", 64)
 
 
 def make_plan(

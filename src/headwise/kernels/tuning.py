@@ -41,12 +41,14 @@ from typing import Any
 
 import torch
 
+from headwise.caches import on_clear
 from headwise.errors import HeadwiseError, bad_argument
 from headwise.fileio import write_atomic
 from headwise.kernels.base import Request
 
 TUNING_VERSION = 1
 _LOADED: dict[str, Any] = {"path": None, "mtime": None, "entries": {}}
+on_clear("tuning.loaded_file", lambda: _LOADED.update(path=None, mtime=None, entries={}))
 
 
 def machine_id() -> str:
