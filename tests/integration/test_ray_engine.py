@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,10 +50,12 @@ def ray_local(tmp_path_factory):
     import ray
 
     assert not ray.is_initialized()
+    temp = tempfile.mkdtemp(prefix="hw-test-ray-")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, logging_level="error",
-             _temp_dir=tempfile.mkdtemp(prefix="hw-test-ray-"))  # fmt: skip
+             _temp_dir=temp)  # fmt: skip
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _same_json(a, b, path="", rel=1e-6):
