@@ -102,6 +102,31 @@ def bench_kernels(
     _maybe_compare(compare, js, threshold)
 
 
+@bench_app.command("tune")
+@reports_errors
+def bench_tune(
+    seq: list[int] = typer.Option([1024, 4096], "--seq", help="Sequence lengths L (repeat the option)."),
+    rounds: int = typer.Option(5, help="Timed calls per backend after one warm-up (median recorded)."),
+    report: Path | None = typer.Option(None, help="Also write DIR/tuning.md."),
+) -> None:
+    """Tune auto for the kernel benchmark's forward problems: the winners go to the tuning file."""
+    from headwise.bench.tune import to_markdown, tune_cases
+    from headwise.kernels.tuning import tuning_file
+
+    seqs = _check_seqs(seq)
+    int_in("--rounds", rounds, 1, MAX_REPEAT)
+    if report is not None:
+        out_dir(report, "--report")
+    with console.status("tuning") as status:
+        rows = tune_cases(seqs, rounds, progress=status.update)
+    markdown = to_markdown(rows, _command(), str(tuning_file()))
+    console.print(markdown)
+    if report is not None:
+        from headwise.fileio import write_atomic
+
+        write_atomic(report / "tuning.md", markdown)
+
+
 @bench_app.command("modules")
 @reports_errors
 def bench_modules(

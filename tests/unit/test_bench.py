@@ -141,3 +141,15 @@ def test_kernel_goals_use_paired_ratios():
     found = {g: (e, ok) for g, e, ok in goals({"records": rec, "seqs": [4096], "memory": []})}
     assert found["tiled dense L=4096 within 1.5x of SDPA"] == ("2.00x", False)
     assert found["auto <= 1.05x the fastest competitor, every case"][1] is True
+
+
+def test_bench_tune_records_every_forward_case(tmp_path, monkeypatch):
+    from headwise.bench.tune import to_markdown, tune_cases
+    from headwise.kernels.tuning import tuned
+
+    monkeypatch.setenv("HEADWISE_TUNING_FILE", str(tmp_path / "tuning.json"))
+    rows = tune_cases([64], 1, variants=("causal", "stats"))
+    assert [(r["case"], r["L"]) for r in rows] == [("causal fwd", 64), ("stats fwd", 64)]
+    assert all(r["tuned"] in r["median_ms"] for r in rows)
+    assert len(tuned()) == 2
+    assert "| stats fwd | 64 |" in to_markdown(rows, "headwise bench tune", str(tmp_path))
