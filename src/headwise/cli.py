@@ -255,7 +255,8 @@ def bench_serve(
     seconds: float = typer.Option(3.0, help="Seconds per configuration and round."),
     repeats: int = typer.Option(3, help="Rounds (median and min..max reported)."),
     vectors: Path | None = typer.Option(None, help="A (N, d) .npy of real vectors to serve instead of random ones."),
-    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for serve.md and serve.json."),
+    report: Path = typer.Option(Path("benchmarks/results"), help="Directory for NAME.md and NAME.json."),
+    name: str = typer.Option("serve", help="Base name of the result files."),
 ) -> None:
     """Search over HTTP (headwise serve, JSON and binary, 1 and 8 clients) against in-process search."""
     from headwise.bench.serve import run, to_markdown
@@ -278,6 +279,8 @@ def bench_serve(
     if vectors is not None:
         in_file(vectors, "--vectors")
     out_dir(report, "--report")
+    if not name or "/" in name or name.startswith("."):
+        raise bad_argument("--name", "a plain file name", repr(name))
     command = "headwise " + shlex.join(sys.argv[1:])
     with console.status("bench serve") as status:
         result = run(n=n, dim=dim, index=index, k=k, batch=batch, seconds=seconds, repeats=repeats, vectors=vectors,
@@ -285,8 +288,8 @@ def bench_serve(
     markdown = to_markdown(result)
     from headwise.fileio import write_atomic
 
-    write_atomic(report / "serve.md", markdown)
-    write_atomic(report / "serve.json", json.dumps(result, indent=2))
+    write_atomic(report / f"{name}.md", markdown)
+    write_atomic(report / f"{name}.json", json.dumps(result, indent=2))
     console.print(markdown)
 
 

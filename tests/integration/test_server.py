@@ -360,7 +360,6 @@ def test_sigkill_under_write_load_loses_no_acknowledged_write(tmp_path: Path) ->
     key.write_text(KEY)
     key.chmod(0o600)
     port = free_port()
-    proc = start_serve_process(store, key, port)
     acknowledged: dict[int, np.ndarray] = {}
     lock = threading.Lock()
     stop = threading.Event()
@@ -380,6 +379,7 @@ def test_sigkill_under_write_load_loses_no_acknowledged_write(tmp_path: Path) ->
                 with lock:
                     acknowledged.update({ids[0]: x[0], ids[1]: x[1]})
 
+    proc = start_serve_process(store, key, port)  # the try below always stops it
     try:
         with RemoteMemory(f"http://127.0.0.1:{port}", api_key=KEY, timeout=5) as probe:
             assert wait_listening(proc, probe) == 20

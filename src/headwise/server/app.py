@@ -317,6 +317,58 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
+class _Service:
+    """What every handler needs: the store, the auth check, the thread pool, the write lock, body limits."""
+
+    def __init__(self, store: VectorMemory, api_key: str | None, max_body_bytes: int) -> None:
+        if api_key is not None and not api_key:
+            raise bad_argument("api_key", "a non-empty key or None", "''")
+        self.store, self.max_body_bytes = store, max_body_bytes
+        self._expected = None if api_key is None else api_key.encode()
+        self._write_lock = threading.Lock()
+        self.metrics = _Metrics()
+
+    async def check_auth(self, request: Request) -> None:  # async: no thread hop for a string compare
+        if self._expected is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guessed key was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._expected):
+            raise ApiError(401, "unauthorized", "Authorization: expected 'Bearer <key>' with the server's key")
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn`` in the thread pool (the event loop keeps serving); a HeadwiseError becomes a 400."""
+        try:
+            return await run_in_threadpool(fn)
+        except HeadwiseError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+
+    async def write(self, fn: Callable[[], T]) -> T:
+        """A write: in the thread pool, one at a time (a write's check-then-insert is never interleaved)."""
+
+        def locked() -> T:
+            with self._write_lock:
+                return fn()
+
+        return await self.run(locked)
+
+    async def body(self, request: Request) -> bytes:
+        return await _read_body(request, self.max_body_bytes)
+
+    async def json(self, request: Request) -> dict[str, Any]:
+        return _json_object(await self.body(request))
+
+    async def vectors_payload(self, request: Request) -> tuple[Any, Any, Any, Any]:
+        """(vectors or None, ids, metadata, texts) of an add or upsert: JSON, or binary with JSON query parameters."""
+        body = await self.body(request)
+        binary = _binary_array(request, body)
+        if binary is not None:
+            return (binary, *(_query_json(request, n) for n in ("ids", "metadata", "texts")))
+        obj = _json_object(body)
+        vectors = None if obj.get("vectors") is None else _floats(obj["vectors"], "vectors")
+        return vectors, obj.get("ids"), obj.get("metadata"), obj.get("texts")
+
+
 def create_app(
     store: VectorMemory,
     *,
@@ -332,11 +384,7 @@ def create_app(
     ``public_docs=True`` serves ``/docs`` and ``/openapi.json`` without the key (they describe the
     API and hold no data); by default they need it like every endpoint but ``/health``.
     """
-    if api_key is not None and not api_key:
-        raise bad_argument("api_key", "a non-empty key or None", "''")
-    expected = None if api_key is None else api_key.encode()
-    write_lock = threading.Lock()
-    metrics = _Metrics()
+    svc = _Service(store, api_key, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -347,29 +395,17 @@ def create_app(
     docs_url, openapi_url = ("/docs", "/openapi.json") if public_docs else (None, None)
     app = FastAPI(title="headwise", version=__version__, lifespan=lifespan, redoc_url=None, docs_url=docs_url,
                   openapi_url=openapi_url)  # fmt: skip
+    _add_error_handlers(app)
+    app.add_middleware(_Observe, metrics=svc.metrics)
+    auth = [Depends(svc.check_auth)]
+    if not public_docs:  # the API description is served like every endpoint: behind the key
+        _add_docs(app, auth)
+    _add_reads(app, svc, auth)
+    _add_writes(app, svc, auth)
+    return app
 
-    async def check_auth(request: Request) -> None:  # async: no thread hop for a string compare
-        if expected is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        # compare_digest: the time taken does not tell how much of a guessed key was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise ApiError(401, "unauthorized", "Authorization: expected 'Bearer <key>' with the server's key")
 
-    async def run(fn: Callable[[], T]) -> T:
-        try:
-            return await run_in_threadpool(fn)
-        except HeadwiseError as exc:
-            raise ApiError(400, "bad_request", str(exc)) from None
-
-    def write(fn: Callable[[], T]) -> Callable[[], T]:
-        def locked() -> T:
-            with write_lock:
-                return fn()
-
-        return locked
-
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -383,19 +419,19 @@ def create_app(
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
 
-    app.add_middleware(_Observe, metrics=metrics)
 
-    auth = [Depends(check_auth)]
+def _add_docs(app: FastAPI, auth: list) -> None:
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    def openapi_json() -> dict[str, Any]:
+        return app.openapi()
 
-    if not public_docs:  # the API description is served like every endpoint: behind the key
+    @app.get("/docs", dependencies=auth, include_in_schema=False)
+    def swagger() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="headwise API")
 
-        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
-        def openapi_json() -> dict[str, Any]:
-            return app.openapi()
 
-        @app.get("/docs", dependencies=auth, include_in_schema=False)
-        def swagger() -> Response:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="headwise API")
+def _add_reads(app: FastAPI, svc: _Service, auth: list) -> None:
+    store = svc.store
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -403,55 +439,81 @@ def create_app(
 
     @app.get("/count", dependencies=auth)
     async def count() -> dict[str, int]:
-        return {"count": await run(lambda: len(store))}
+        return {"count": await svc.run(lambda: len(store))}
 
     @app.get("/metrics", dependencies=auth)
     async def metrics_text() -> PlainTextResponse:
-        size = await run(lambda: len(store))
-        return PlainTextResponse(metrics.render(size), media_type="text/plain; version=0.0.4")
+        size = await svc.run(lambda: len(store))
+        return PlainTextResponse(svc.metrics.render(size), media_type="text/plain; version=0.0.4")
 
-    async def vectors_payload(request: Request) -> tuple[Any, Any, Any, Any]:
-        """(vectors or None, ids, metadata, texts) of an add or upsert: JSON, or .npy with JSON query parameters."""
-        body = await _read_body(request, max_body_bytes)
-        binary = _binary_array(request, body)
-        if binary is not None:
-            return (binary, *(_query_json(request, n) for n in ("ids", "metadata", "texts")))
+    @app.post("/search", dependencies=auth, response_model=None, openapi_extra=_body(_SEARCH))
+    async def search(request: Request) -> Any:
+        body = await svc.body(request)
+        q = _binary_array(request, body)
+        if q is not None:
+            k, enhance, flt = _query_k(request), _query_enhance(request), _query_json(request, "filter")
+            scores, ids = await svc.run(lambda: store.search(q, k, enhance=enhance, filter=flt))
+            return _hits_response(request, scores, ids)
         obj = _json_object(body)
-        vectors = None if obj.get("vectors") is None else _floats(obj["vectors"], "vectors")
-        return vectors, obj.get("ids"), obj.get("metadata"), obj.get("texts")
+        if "k" not in obj:
+            raise bad_argument("k", "a field k (an integer)", "none")
+        k, enhance, flt = obj["k"], obj.get("enhance"), obj.get("filter")
+        if obj.get("text") is not None:
+            hits = await svc.run(lambda: store.search_text(obj["text"], k, enhance=enhance, filter=flt))
+            return {"hits": [{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits]}
+        q = _floats(obj.get("query"), "query")
+        scores, ids = await svc.run(lambda: store.search(q, k, enhance=enhance, filter=flt))
+        return {"scores": _scores_json(scores), "ids": ids.tolist()}
+
+    @app.post("/get", dependencies=auth, openapi_extra=_body(_IDS))
+    async def get(request: Request) -> dict[str, list[Any]]:
+        obj = await svc.json(request)
+        records = await svc.run(lambda: store.get(obj.get("ids")))
+        as_json = [None if r is None else {"id": r.id, "vector": r.vector.tolist(), "metadata": r.metadata,
+                                           "text": r.text} for r in records]  # fmt: skip
+        return {"records": as_json}
+
+    @app.post("/vectors", dependencies=auth, openapi_extra=_body(_IDS), response_model=None)
+    async def vectors(request: Request) -> Response:
+        obj = await svc.json(request)
+        return Response(npy_bytes(await svc.run(lambda: store.vectors(obj.get("ids")))), media_type=NPY)
+
+
+def _add_writes(app: FastAPI, svc: _Service, auth: list) -> None:
+    store = svc.store
 
     @app.post("/add", dependencies=auth, openapi_extra=_body(_ADD))
     async def add(request: Request) -> dict[str, list[int]]:
-        vectors, ids, meta, texts = await vectors_payload(request)
+        vectors, ids, meta, texts = await svc.vectors_payload(request)
         if vectors is None:
             if texts is None:
                 raise bad_argument("request body", "'vectors' or 'texts'", "neither")
-            out = await run(write(lambda: store.add_texts(texts, metadata=meta, ids=ids)))
+            out = await svc.write(lambda: store.add_texts(texts, metadata=meta, ids=ids))
         else:
-            out = await run(write(lambda: store.add(vectors, ids=ids, metadata=meta, texts=texts)))
+            out = await svc.write(lambda: store.add(vectors, ids=ids, metadata=meta, texts=texts))
         return {"ids": [int(i) for i in out]}
 
     @app.post("/upsert", dependencies=auth, openapi_extra=_body(_ADD))
     async def upsert(request: Request) -> dict[str, list[int]]:
-        vectors, ids, meta, texts = await vectors_payload(request)
+        vectors, ids, meta, texts = await svc.vectors_payload(request)
         if vectors is None:
             raise bad_argument("vectors", "the vectors to insert or replace (n, d)", "none")
-        out = await run(write(lambda: store.upsert(vectors, ids, metadata=meta, texts=texts)))
+        out = await svc.write(lambda: store.upsert(vectors, ids, metadata=meta, texts=texts))
         return {"ids": [int(i) for i in out]}
 
     @app.post("/update_metadata", dependencies=auth, openapi_extra=_body(_UPDATE))
     async def update_metadata(request: Request) -> dict[str, int]:
-        obj = _json_object(await _read_body(request, max_body_bytes))
+        obj = await svc.json(request)
         merge = obj.get("merge", False)
         if not isinstance(merge, bool):
             raise bad_argument("merge", "true or false", repr(merge))
         ids, meta = obj.get("ids"), obj.get("metadata")
-        await run(write(lambda: store.update_metadata(ids, meta, merge=merge)))
+        await svc.write(lambda: store.update_metadata(ids, meta, merge=merge))
         return {"updated": len(ids) if isinstance(ids, list) else 1}
 
     @app.post("/feedback", dependencies=auth, openapi_extra=_body(_FEEDBACK))
     async def feedback(request: Request) -> dict[str, int]:
-        obj = _json_object(await _read_body(request, max_body_bytes))
+        obj = await svc.json(request)
         query = obj.get("query")
         query = query if isinstance(query, str) else _floats(query, "query")
         relevant = obj.get("relevant")
@@ -460,47 +522,9 @@ def create_app(
                 relevant = {int(i): g for i, g in relevant.items()}
             except ValueError:
                 raise bad_argument("relevant", "ids (integers) as keys", list(relevant)[:5]) from None
-        return {"id": int(await run(write(lambda: store.record_feedback(query, relevant))))}
-
-    @app.post("/search", dependencies=auth, response_model=None, openapi_extra=_body(_SEARCH))
-    async def search(request: Request) -> Any:
-        body = await _read_body(request, max_body_bytes)
-        q = _binary_array(request, body)
-        if q is not None:
-            k, enhance, flt = _query_k(request), _query_enhance(request), _query_json(request, "filter")
-            scores, ids = await run(lambda: store.search(q, k, enhance=enhance, filter=flt))
-            return _hits_response(request, scores, ids)
-        obj = _json_object(body)
-        if "k" not in obj:
-            raise bad_argument("k", "a field k (an integer)", "none")
-        k, enhance, flt = obj["k"], obj.get("enhance"), obj.get("filter")
-        if obj.get("text") is not None:
-            hits = await run(lambda: store.search_text(obj["text"], k, enhance=enhance, filter=flt))
-            return {"hits": [{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits]}
-        q = _floats(obj.get("query"), "query")
-        scores, ids = await run(lambda: store.search(q, k, enhance=enhance, filter=flt))
-        return {"scores": _scores_json(scores), "ids": ids.tolist()}
-
-    @app.post("/get", dependencies=auth, openapi_extra=_body(_IDS))
-    async def get(request: Request) -> dict[str, list[Any]]:
-        obj = _json_object(await _read_body(request, max_body_bytes))
-        records = await run(lambda: store.get(obj.get("ids")))
-        return {
-            "records": [
-                None if r is None else {"id": r.id, "vector": r.vector.tolist(), "metadata": r.metadata, "text": r.text}
-                for r in records
-            ]
-        }
-
-    @app.post("/vectors", dependencies=auth, openapi_extra=_body(_IDS), response_model=None)
-    async def vectors(request: Request) -> Response:
-        obj = _json_object(await _read_body(request, max_body_bytes))
-        x = await run(lambda: store.vectors(obj.get("ids")))
-        return Response(npy_bytes(x), media_type=NPY)
+        return {"id": int(await svc.write(lambda: store.record_feedback(query, relevant)))}
 
     @app.post("/delete", dependencies=auth, openapi_extra=_body(_IDS))
     async def delete(request: Request) -> dict[str, int]:
-        obj = _json_object(await _read_body(request, max_body_bytes))
-        return {"deleted": int(await run(write(lambda: store.delete(obj.get("ids")))))}
-
-    return app
+        obj = await svc.json(request)
+        return {"deleted": int(await svc.write(lambda: store.delete(obj.get("ids"))))}
