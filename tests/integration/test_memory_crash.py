@@ -141,4 +141,7 @@ def test_sigkill_at_random_points_loses_no_acknowledged_write(tmp_path, index):
         mem.close()
     # The kills must have landed inside operations, not only between them.
     assert len(kinds_in_flight) >= TRIALS_PER_INDEX // 3, kinds_in_flight
-    assert {"add", "save"} <= set(kinds_in_flight), kinds_in_flight
+    # Which write a kill lands in depends on the machine's timing (as the store grows, saves and
+    # verifies take more of the loop): require a save and at least one kind of record write.
+    assert "save" in kinds_in_flight, kinds_in_flight
+    assert {"add", "delete", "upsert", "update"} & set(kinds_in_flight), kinds_in_flight

@@ -234,7 +234,7 @@ def test_build_reads_a_plain_jsonl_dataset(tmp_path, monkeypatch):
     rows = [{"package": f"p{i}", "source": f"s{i // 2}", "synopsis": f"tool {i}", "description": f"does {i}"}
             for i in range(12)]  # fmt: skip
 
-    def fake_embedding(ds, progress):  # MiniLM is not what this test is about
+    def fake_embedding(ds, progress, **engine):  # MiniLM is not what this test is about
         return np.ones((len(ds.documents), 4), np.float32), np.ones((len(ds), 4), np.float32)
 
     monkeypatch.setattr(memory_cli, "embed_dataset", fake_embedding)

@@ -121,8 +121,7 @@ class RayEngine:
                                        f"{self.address!r} ({_first_line(exc)})") from None  # fmt: skip
             else:
                 self._temp_dir = tempfile.mkdtemp(prefix="headwise-ray-")
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-                         _temp_dir=self._temp_dir, logging_level=logging.ERROR)  # fmt: skip
+                self._start_local(ray)
             self.started = True
         for name, level in _QUIET_LOGGERS.items():
             logger = logging.getLogger(name)
@@ -130,6 +129,19 @@ class RayEngine:
             logger.setLevel(max(level, logger.getEffectiveLevel()))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # headwise draws its own bar from the returned batches
+
+    def _start_local(self, ray: Any) -> None:
+        """A local Ray; started twice at most: Ray gives its raylet a fixed 30 s to register, which a
+        loaded 2-core machine can miss ("The current node timed out during startup")."""
+        for attempt in (1, 2):
+            try:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+                         _temp_dir=self._temp_dir, logging_level=logging.ERROR)  # fmt: skip
+                return
+            except Exception as exc:  # Ray raises a bare Exception for this
+                if attempt == 2 or "timed out during startup" not in str(exc):
+                    raise
+                ray.shutdown()
 
     def close(self) -> None:
         """Shut Ray down if this engine started it, and remove its temporary directory."""
