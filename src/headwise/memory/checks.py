@@ -125,3 +125,11 @@ def ids_for_rows(ids: Any, n: int) -> np.ndarray:
     if (counts > 1).any():
         raise bad_argument("ids", "unique ids", f"duplicates within the call: {uniq[counts > 1][:10].tolist()}")
     return id_arr
+
+
+def encode_texts(encoder: Any, texts: Any, dim: int) -> tuple[np.ndarray, list[str]]:
+    """(vectors (n, dim) float32, the texts as a list) of ``texts`` through ``encoder`` (add_texts of every store)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise bad_argument("texts", "a sequence of str", type(texts).__name__)
+    vectors = encoder.encode(list(texts)) if len(texts) else np.empty((0, dim), dtype=np.float32)
+    return vectors, list(texts)

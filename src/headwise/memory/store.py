@@ -82,6 +82,7 @@ from headwise.memory.checks import (
     check_positive_int,
     check_texts,
     check_vectors,
+    encode_texts,
     ids_for_rows,
 )
 from headwise.memory.encoder import TextEncoder
@@ -391,11 +392,8 @@ class VectorMemory(RecordUpdates, SearchPasses):
 
     def add_texts(self, texts: Sequence[str], metadata: Sequence[Any] | None = None, ids: Any = None) -> np.ndarray:
         """Encode ``texts`` with the store's encoder and add them (the texts are stored too)."""
-        encoder = self._require_encoder("add_texts")
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise bad_argument("texts", "a sequence of str", type(texts).__name__)
-        vectors = encoder.encode(list(texts)) if len(texts) else np.empty((0, self.dim), dtype=np.float32)
-        return self.add(vectors, ids=ids, metadata=metadata, texts=list(texts))
+        vectors, texts = encode_texts(self._require_encoder("add_texts"), texts, self.dim)
+        return self.add(vectors, ids=ids, metadata=metadata, texts=texts)
 
     def delete(self, ids: Any) -> int:
         """Delete the records of ``ids`` (absent ids are ignored); returns how many were deleted."""
