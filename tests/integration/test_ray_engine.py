@@ -160,7 +160,7 @@ def test_bench_corpus_runs_on_a_tiny_slice(ray_local, tmp_path):
     res = runner.invoke(app, [*args, "--report", str(tmp_path)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "corpus.json").read_text())
-    assert data["command"].startswith("headwise ") and "load_average" in data["machine"]
+    assert data["command"].startswith("headwise") and "load_average" in data["machine"]  # argv: pytest's here
     assert set(data["jobs"]) == {"embed", "analyze"}
     for job in data["jobs"].values():
         assert [r["engine"] for r in job["rows"]] == ["local", "ray, 1 worker"]
