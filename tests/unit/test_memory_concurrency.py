@@ -123,20 +123,47 @@ def test_writes_between_concurrent_searches_never_break_them() -> None:
     def searcher(t: int) -> None:
         try:
             while not stop.is_set():
-                scores, ids = mem.search(q[t::4], 10, filter={"g": t % 4} if t % 2 else None)
+                scores, ids = mem.search(q[t::6], 10, filter={"g": t % 4} if t % 2 else None)
                 assert (ids >= 0).all() and np.isfinite(scores).all()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=searcher, args=(t,)) for t in range(4)]
+    threads = [threading.Thread(target=searcher, args=(t,)) for t in range(6)]
     for t in threads:
         t.start()
     rng = np.random.default_rng(4)
-    for i in range(30):
+    for i in range(80):  # every write resets what searches build lazily (faiss params, filter matches)
         ids = mem.add(rng.standard_normal((20, DIM)).astype(np.float32), metadata=[{"g": i % 4}] * 20)
         mem.delete(ids[:10])
     stop.set()
     for t in threads:
         t.join(30)
     assert not errors, errors[:3]
-    assert len(mem) == 3000 + 30 * 10
+    assert len(mem) == 3000 + 80 * 10
+
+
+def test_search_parameters_are_never_seen_half_built(monkeypatch) -> None:
+    """After a delete, the first searches build the faiss parameters that hide deleted slots; a
+    second search arriving while the first builds must wait for the selector, never run without it."""
+    import time
+
+    import headwise.memory.index as index_module
+
+    mem = _store("hnsw", 0)
+    mem.delete(list(range(0, 3000, 7)))
+    slot_index = mem._index
+    real = index_module.faiss.IDSelectorBitmap
+
+    def slow_selector(*args):  # widens the window in which the parameters are being built
+        time.sleep(0.3)
+        return real(*args)
+
+    monkeypatch.setattr(index_module.faiss, "IDSelectorBitmap", slow_selector)
+    slot_index._params = None  # as a write leaves it
+    got = {}
+    first = threading.Thread(target=lambda: got.setdefault("first", slot_index._search_params(40)))
+    first.start()
+    time.sleep(0.1)  # the first thread is inside the build
+    got["second"] = slot_index._search_params(40)
+    first.join(10)
+    assert got["second"].sel is not None and got["first"].sel is not None

@@ -113,6 +113,7 @@ class SlotIndex:
         self.version = 0
         self._bitmap: np.ndarray | None = None  # kept alive while faiss holds a pointer into it
         self._selector: faiss.IDSelector | None = None
+        self._params_guard = threading.Lock()
         self._workspace = threading.local()  # one per thread (concurrent searches): see reconstruct(reuse=True)
         self._stored_view: np.ndarray | None = None  # see _stored()
 
@@ -270,24 +271,27 @@ class SlotIndex:
         tombstones = self._n_live != self.n_slots
         if not tombstones and ef == self._ef_search:
             return None  # no filter, and HNSW uses index.hnsw.efSearch
-        if self._params is None:
-            self._params = {}
-            if tombstones:
-                self._bitmap = np.packbits(self._live.view, bitorder="little")
-                self._selector = faiss.IDSelectorBitmap(self.n_slots, faiss.swig_ptr(self._bitmap))
-            else:
-                self._bitmap = self._selector = None
-        params = self._params.get(ef)
-        if params is None:
-            # A params object replaces index.hnsw.efSearch, so it carries the ef; it holds a raw
-            # pointer to the selector, which self._selector keeps alive.
-            extra = {"sel": self._selector} if self._selector is not None else {}
-            if self.is_hnsw:
-                params = faiss.SearchParametersHNSW(efSearch=ef, **extra)
-            else:
-                params = faiss.SearchParameters(**extra)
-            self._params[ef] = params
-        return params
+        # Concurrent searches (shared lock) build this together: one builds, the others wait, so
+        # none sees a params dict without its selector (it would return deleted slots).
+        with self._params_guard:
+            if self._params is None:
+                if tombstones:
+                    self._bitmap = np.packbits(self._live.view, bitorder="little")
+                    self._selector = faiss.IDSelectorBitmap(self.n_slots, faiss.swig_ptr(self._bitmap))
+                else:
+                    self._bitmap = self._selector = None
+                self._params = {}
+            params = self._params.get(ef)
+            if params is None:
+                # A params object replaces index.hnsw.efSearch, so it carries the ef; it holds a raw
+                # pointer to the selector, which self._selector keeps alive.
+                extra = {"sel": self._selector} if self._selector is not None else {}
+                if self.is_hnsw:
+                    params = faiss.SearchParametersHNSW(efSearch=ef, **extra)
+                else:
+                    params = faiss.SearchParameters(**extra)
+                self._params[ef] = params
+            return params
 
     def search(
         self, queries: np.ndarray, k: int, *, ef: int | None = None
