@@ -7,7 +7,6 @@ its arguments checked before the work starts (headwise.cliutil; docs/cli.md list
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -17,7 +16,18 @@ from rich.table import Table
 
 from headwise.analysis.cli import analyze
 from headwise.bench.corpus import bench_corpus
-from headwise.cliutil import OneLineErrors, fail, in_dir, in_file, int_in, out_dir, out_file, read_text, reports_errors
+from headwise.cliutil import (
+    OneLineErrors,
+    argv_command,
+    fail,
+    in_dir,
+    in_file,
+    int_in,
+    out_dir,
+    out_file,
+    read_text,
+    reports_errors,
+)
 from headwise.errors import bad_argument
 from headwise.memory.cli import bench as memory_bench
 from headwise.memory.cli import memory_app
@@ -90,7 +100,7 @@ def bench_kernels(
     _check_compare(compare, threshold)
     with console.status("benchmarking") as status:
         result = run_kernels(seqs, repeat, memory, progress=lambda s: status.update(f"benchmarking {s}"))
-    result["command"] = _command()
+    result["command"] = argv_command()
     md, js = write_report(result, report)
     table = Table(title="goals")
     for col in ("goal", "measured", "met"):
@@ -119,7 +129,7 @@ def bench_tune(
         out_dir(report, "--report")
     with console.status("tuning") as status:
         rows = tune_cases(seqs, rounds, progress=status.update)
-    markdown = to_markdown(rows, _command(), str(tuning_file()))
+    markdown = to_markdown(rows, argv_command(), str(tuning_file()))
     console.print(markdown)
     if report is not None:
         from headwise.fileio import write_atomic
@@ -151,7 +161,7 @@ def bench_modules(
     if memory:
         with console.status("measuring module memory in subprocesses"):
             result["memory"] = run_module_memory()
-    command = _command()
+    command = argv_command()
     report.mkdir(parents=True, exist_ok=True)
     write_atomic(report / "modules.md", to_markdown(result, command, info))
     write_atomic(report / "modules.json", json.dumps({"command": command, "machine": info, **result}, indent=1))
@@ -178,7 +188,7 @@ def bench_train(
     cfg = TrainConfig(steps=steps, seed=seed)
     with console.status("training") as status:
         results = train_all(cfg, progress=lambda s: status.update(s))
-    command = _command()
+    command = argv_command()
     report.mkdir(parents=True, exist_ok=True)
     write_atomic(report / "train.md", to_markdown(results, cfg, command))
     payload = {"command": command, "config": asdict(cfg), "results": results}
@@ -211,7 +221,7 @@ def bench_components(
     info = machine_info()
     with console.status("profiling"):
         rows = run_components(seqs, repeat, embed, heads)
-    command = _command()
+    command = argv_command()
     report.mkdir(parents=True, exist_ok=True)
     write_atomic(report / "components.md", to_markdown(rows, command, info, embed, heads, True))
     payload = {"command": command, "machine": info, "rows": rows}
@@ -281,7 +291,7 @@ def bench_serve(
     out_dir(report, "--report")
     if not name or "/" in name or name.startswith("."):
         raise bad_argument("--name", "a plain file name", repr(name))
-    command = "headwise " + shlex.join(sys.argv[1:])
+    command = argv_command()
     with console.status("bench serve") as status:
         result = run(n=n, dim=dim, index=index, k=k, batch=batch, seconds=seconds, repeats=repeats, vectors=vectors,
                      command=command, progress=status.update)  # fmt: skip
@@ -349,10 +359,6 @@ def _maybe_compare(old: Path | None, new: Path, threshold: float) -> None:
     typer.echo(to_markdown(rows, str(old), str(new)))
     if any(r.regressed for r in rows):
         raise typer.Exit(1)
-
-
-def _command() -> str:
-    return " ".join(shlex.quote(a) for a in ["headwise", *sys.argv[1:]])
 
 
 @app.command()

@@ -31,6 +31,8 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -128,6 +130,11 @@ class OneLineErrors(TyperGroup):
 
 # ---------------------------------------------------------------------------------------
 # Pre-checks: each raises HeadwiseError naming the option, before any work is done.
+
+
+def argv_command() -> str:
+    """The command line this process was started with, as ``headwise ...`` (quoted for a shell)."""
+    return shlex.join(["headwise", *sys.argv[1:]])
 
 
 def int_in(name: str, value: int, lo: int, hi: int) -> int:

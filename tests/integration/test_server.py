@@ -407,3 +407,16 @@ def test_sigkill_under_write_load_loses_no_acknowledged_write(tmp_path: Path) ->
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
         assert len(mem) >= 20 + len(acknowledged)
         assert mem.verify().ok
+
+
+@pytest.mark.slow
+def test_bench_serve_measures_every_configuration_against_in_process(tmp_path: Path) -> None:
+    from headwise.bench.serve import CONFIGS, run, to_markdown
+
+    result = run(n=600, dim=8, index="hnsw", k=5, batch=16, seconds=0.05, repeats=1, vectors=None,
+                 command="headwise bench serve --n 600")  # fmt: skip
+    assert [(r["config"], r["clients"]) for r in result["rows"]] == list(CONFIGS)
+    assert all(r["qps_median"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in result["rows"])
+    assert [g[0][:6] for g in result["goals"]] == ["binary", "single"]
+    md = to_markdown(result)
+    assert "| http binary batch | 8 |" in md and "headwise bench serve --n 600" in md

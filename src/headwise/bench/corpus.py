@@ -26,8 +26,6 @@ Example (the markdown of a tiny, made-up result)::
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -227,7 +225,9 @@ def bench_corpus(
     import os
 
     result["load_average_at_end"] = os.getloadavg()
-    result["command"] = shlex.join(["headwise", *sys.argv[1:]])
+    from headwise.cliutil import argv_command
+
+    result["command"] = argv_command()
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     report.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(result)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ from headwise.bench.harness import (
     wait_for_quiet,
 )
 from headwise.bench.kernels import HEADWISE, IMPLS, Case, cases_for, run_case
+from headwise.cliutil import argv_command
 from headwise.fileio import write_atomic
 
 COMPETITORS = tuple(i for i in IMPLS if i not in HEADWISE)
@@ -239,7 +238,7 @@ def to_markdown(result: dict, command: str) -> str:
 
 def write_report(result: dict, out_dir: Path, name: str = "kernels") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = result.get("command") or " ".join(shlex.quote(a) for a in ["headwise", *sys.argv[1:]])
+    command = result.get("command") or argv_command()
     result["command"] = command
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"

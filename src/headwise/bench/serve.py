@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from headwise.bench.harness import machine_info
+from headwise.bench.harness import Timing, machine_info
 from headwise.errors import HeadwiseError
 from headwise.server.wire import HITS_DTYPE, RAW, SHAPE_HEADER, from_raw, raw_bytes
 
@@ -195,20 +195,15 @@ def check_same_results(mem: Any, url: str, queries: np.ndarray, k: int) -> None:
             raise HeadwiseError(f"bench serve: the server's {kind} answers differ from in-process search")
 
 
-def _pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
-
-
 def summarise(rounds: dict[tuple[str, int], list[tuple[float, list[float]]]]) -> list[dict[str, Any]]:
     """One row per configuration: throughput median/min/max over rounds, pooled latency percentiles (ms)."""
     rows = []
     for (name, clients), runs in rounds.items():
         qps = [r[0] for r in runs]
-        lat = [x for r in runs for x in r[1]]
+        lat = Timing([x for r in runs for x in r[1]])  # the harness's nearest-rank percentiles
         rows.append({"config": name, "clients": clients, "qps_median": statistics.median(qps), "qps_min": min(qps),
-                     "qps_max": max(qps), "p50_ms": 1e3 * _pct(lat, 50), "p95_ms": 1e3 * _pct(lat, 95),
-                     "p99_ms": 1e3 * _pct(lat, 99), "requests": len(lat)})  # fmt: skip
+                     "qps_max": max(qps), "p50_ms": 1e3 * lat.percentile(50), "p95_ms": 1e3 * lat.p95,
+                     "p99_ms": 1e3 * lat.p99, "requests": len(lat.times)})  # fmt: skip
     return rows
 
 
