@@ -55,31 +55,6 @@ def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, 
     return t.detach().requires_grad_() if grad else t
 
 
-def extra_bytes(backend: str, req: Request) -> int:
-    """Estimated memory a backend allocates beyond q, k, v and the output (bytes).
-
-    eager and the reference materialise the L x S scores and weights (the reference in float64
-    with its copies); sdpa a dense boolean mask when the mask is not causal or absent; tiled its
-    per-block scores (at most 256 x 256 per batch and head at a time) and the per-row statistics;
-    flex its block mask (two int32 per 128 x 128 block).
-    """
-    B, Hq, _, L, S, _, _ = req.shape
-    item = req.q.element_size()
-    rows = B * Hq * L
-    if backend == "reference":
-        return 8 * B * Hq * L * S * 3
-    if backend == "eager":
-        return item * B * Hq * L * S * 2
-    if backend == "sdpa":
-        dense = req.mask is not None and type(req.mask).__name__ != "_Causal"
-        return B * Hq * L * S if dense else 0
-    if backend == "tiled":
-        return 4 * B * Hq * min(L, 256) * min(S, 256) * 3 + 4 * rows * 4
-    if backend == "flex":
-        return 8 * B * Hq * (-(-L // 128)) * (-(-S // 128)) if req.mask is not None else 0
-    return 0
-
-
 @dataclass(frozen=True)
 class AttentionPlan:
     """One attention problem with its backend chosen: call it with (q, k, v) of the planned shapes."""
@@ -175,6 +150,6 @@ def plan(
             from headwise.kernels.registry import choose
 
             decision, name = None, choose(req, backend).name
-        memory = extra_bytes(name, req)
+        memory = get_backend(name).memory_bytes(req)
     return AttentionPlan(qs, ks, vs, dtype, dev, req.mask, req.score, req.scale, req.dropout_p, req.need_weights,
                          req.need_stats, requires_grad, name, decision, memory)  # fmt: skip

@@ -105,7 +105,8 @@ class Backend:
 
     ``refusals`` lists every reason the backend cannot serve a request (empty: it can);
     ``cost`` estimates the run time in arbitrary but shared units, so that ``auto`` can
-    pick the cheapest backend that serves the request.
+    pick the cheapest backend that serves the request; ``memory_bytes`` estimates what it
+    allocates beyond its inputs and output (``AttentionPlan.memory_bytes``).
     """
 
     name: str = "?"
@@ -119,6 +120,10 @@ class Backend:
 
     def cost(self, req: Request) -> float:
         raise NotImplementedError
+
+    def memory_bytes(self, req: Request) -> int:
+        """Estimated bytes this backend allocates for ``req`` beyond q, k, v and the output."""
+        return 0
 
     def run(self, req: Request) -> AttentionOutput:
         raise NotImplementedError

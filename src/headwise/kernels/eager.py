@@ -356,6 +356,10 @@ class EagerBackend(Backend):
     def refusals(self, req: Request) -> list[str]:
         return []
 
+    def memory_bytes(self, req: Request) -> int:
+        B, Hq, _, L, S, _, _ = req.shape
+        return req.q.element_size() * B * Hq * L * S * 2  # the L x S scores and weights
+
     def cost(self, req: Request) -> float:
         B, Hq, _, L, S, _, _ = req.shape
         passes = 5 + (2 if req.mask is not None else 0) + (3 if req.score is not None else 0)

@@ -123,6 +123,10 @@ class FlexBackend(Backend):
                 reasons.append(f"FlexAttention needs head dims that are powers of two >= 16 ({name} = {d})")
         return reasons
 
+    def memory_bytes(self, req: Request) -> int:
+        B, Hq, _, L, S, _, _ = req.shape
+        return 8 * B * Hq * (-(-L // _BLOCK)) * (-(-S // _BLOCK)) if req.mask is not None else 0  # the block mask
+
     def cost(self, req: Request) -> float:
         return attention_flops(req, _density(req)) * _SECONDS_PER_FLOP + _SECONDS_PER_CALL
 

@@ -89,6 +89,10 @@ class ReferenceBackend(Backend):
     def refusals(self, req: Request) -> list[str]:
         return []
 
+    def memory_bytes(self, req: Request) -> int:
+        B, Hq, _, L, S, _, _ = req.shape
+        return 8 * B * Hq * L * S * 3  # float64 scores, weights and a copy
+
     def cost(self, req: Request) -> float:
         # The oracle is never the fastest way: it copies k and v and makes many L x S passes,
         # so auto prefers the eager backend for the same requests.

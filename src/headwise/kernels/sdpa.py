@@ -103,6 +103,13 @@ class SdpaBackend(Backend):
             reasons.append(f"SDPA supports only temperature and alibi scores, not {req.score!r}")
         return reasons
 
+    def memory_bytes(self, req: Request) -> int:
+        B, Hq, _, L, S, _, _ = req.shape
+        _, alibi_part = _score_parts(req) or (None, None)
+        dense = req.mask is not None and not (_plain_causal(req) and alibi_part is None)  # as run() decides
+        bias = req.q.element_size() * B * Hq * L * S if alibi_part is not None else 0
+        return (B * Hq * L * S if dense else 0) + bias  # a bool mask (at most per batch and head), an alibi bias
+
     def cost(self, req: Request) -> float:
         B, Hq, Hkv, L, S, E, Ev = req.shape
         if req.mask is None:

@@ -10,12 +10,11 @@ see kernels/unshifted.py) skips the running max altogether: exp(s) with no shift
 rescale. Nothing a row's mask excludes changes a bit of its output, lse, statistics or
 gradients: masked probabilities are exactly 0 and no decision looks at masked keys.
 
-Streaming statistics come from the same pass. With ``p_j = exp(s_j - m)`` and
-``l = sum p_j``, the entropy of the row is ``log l - sum(p_j (s_j - m)) / l`` and its
-largest weight is ``max p / l`` (``1 / l`` on the online path); the sum is rescaled like
-the output when ``m`` changes. It is computed elementwise (a row dot product of p and s - m), not as
-``scale * q . (sum p k) - m * l``: that shortcut subtracts two numbers of the size of the
-largest logit and loses the entropy of sharp rows.
+Streaming statistics come from the same pass. With ``p_j = exp(s_j - m)`` and ``l = sum p_j``, the
+entropy of the row is ``log l - sum(p_j (s_j - m)) / l`` and its largest weight is ``max p / l``
+(``1 / l`` on the online path); the sum is rescaled like the output when ``m`` changes. It is computed
+elementwise (a row dot product of p and s - m), not as ``scale * q . (sum p k) - m * l``: that shortcut
+subtracts two numbers of the size of the largest logit and loses the entropy of sharp rows.
 
 The backward pass (FlashAttention-2) recomputes each block's probabilities from the saved
 log-sum-exp instead of storing them: ``dS = P * (dP - rowsum(dO * O) + dlse)``, plus the
@@ -30,8 +29,7 @@ Shape legend: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), G = Hq / Hkv
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -73,9 +71,9 @@ class TiledPlan:
     mask: Mask | None
     score: Score | None
     scale: float
-    spans: list[list[Span]] = dataclasses.field(default_factory=list)  # forward tiles per query block
+    spans: list[list[Span]] = field(default_factory=list)  # forward tiles per query block
     # Element masks of partial tiles, evaluated once per plan (see _Blocks.keep).
-    keeps: dict = dataclasses.field(default_factory=dict)
+    keeps: dict = field(default_factory=dict)
 
     @property
     def G(self) -> int:
@@ -541,7 +539,7 @@ class _TiledFunction(torch.autograd.Function):
         params = ()
         if plan.score is not None and plan.score.parameters():
             params = tuple(p.detach().requires_grad_() for p in plan.score.parameters())
-            plan = dataclasses.replace(plan, score=plan.score.with_parameters(params))
+            plan = replace(plan, score=plan.score.with_parameters(params))
         stats = None if dent is None and dmw is None else StatsGrad(plan, ent, dent, mw, dmw)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # a loss of lse or stats alone
         dq, dk, dv, dparams = _tiled_backward(plan, q, k, v, out, lse, dout, params, stats, dlse)
@@ -589,6 +587,10 @@ class TiledBackend(Backend):
         if req.dropout_p > 0:
             reasons.append("tiled does not implement dropout (dropout_p > 0)")
         return reasons
+
+    def memory_bytes(self, req: Request) -> int:  # block scores (<= 256 x 256 per batch and head), row statistics
+        B, Hq, _, L, S, _, _ = req.shape
+        return 4 * B * Hq * (min(L, 256) * min(S, 256) * 3 + L * 4)
 
     def cost(self, req: Request) -> float:
         return estimate_seconds(req)
