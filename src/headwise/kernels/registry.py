@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from headwise.caches import BoundedCache
@@ -36,6 +37,7 @@ from headwise.kernels.flex import FlexBackend
 from headwise.kernels.reference import ReferenceBackend
 from headwise.kernels.sdpa import SdpaBackend
 from headwise.kernels.tiled import TiledBackend
+from headwise.kernels.tuning import TUNING_ENV, tuned_backend
 
 log = logging.getLogger("headwise.attend")
 
@@ -81,8 +83,6 @@ class Decision:
 
 
 def _decide(req: Request) -> Decision:
-    from headwise.kernels.tuning import tuned_backend
-
     B, Hq, _, L, S, _, _ = req.shape
     refusals = {name: b.refusals(req) for name, b in _BACKENDS.items()}
     ranked = sorted((b.cost(req), name) for name, b in _BACKENDS.items() if not refusals[name])
@@ -169,10 +169,9 @@ def _choice_key(req: Request) -> tuple | None:
 
 
 def _tuning_stamp() -> object:
-    """Which tuning file auto reads (a changed ``HEADWISE_TUNING_FILE`` is another choice)."""
-    from headwise.kernels.tuning import tuning_file
-
-    return str(tuning_file())
+    """Which tuning file auto reads: ``$HEADWISE_TUNING_FILE``, else the default, fixed per process
+    (the environment variable, not the path: this runs on every call)."""
+    return os.environ.get(TUNING_ENV)
 
 
 def backend_table() -> str:

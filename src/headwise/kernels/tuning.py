@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,10 +48,13 @@ from headwise.fileio import write_atomic
 from headwise.kernels.base import Request
 
 TUNING_VERSION = 1
+#: The environment variable naming the tuning file (else a file per machine and torch version).
+TUNING_ENV = "HEADWISE_TUNING_FILE"
 _LOADED: dict[str, Any] = {"path": None, "mtime": None, "entries": {}}
 on_clear("tuning.loaded_file", lambda: _LOADED.update(path=None, mtime=None, entries={}))
 
 
+@functools.lru_cache(maxsize=1)  # the machine does not change under a process; auto asks on every call
 def machine_id() -> str:
     """CPU model and core count (and the GPU's name), hashed: what a tuned choice depends on."""
     cpu = platform.processor() or platform.machine()
@@ -66,7 +70,7 @@ def machine_id() -> str:
 
 def tuning_file() -> Path:
     """Where tuned choices are kept: ``$HEADWISE_TUNING_FILE`` or a file per machine and torch version."""
-    env = os.environ.get("HEADWISE_TUNING_FILE")
+    env = os.environ.get(TUNING_ENV)
     if env:
         return Path(env)
     version = torch.__version__.split("+")[0]
