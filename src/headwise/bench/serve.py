@@ -67,18 +67,23 @@ def build_store(path: Path, vectors: np.ndarray, index: str, progress: Callable[
                 progress(min(len(vectors), s + 10_000))
 
 
-def start_server(store: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
-    """``headwise serve`` on a free loopback port; (process, url) once it answers."""
+def free_loopback_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (the OS picks it)."""
     import socket
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(store: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """``headwise serve`` on a free loopback port; (process, url) once it answers."""
     import httpx
 
     key = workdir / "key"
     key.write_text(KEY)
     key.chmod(0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_loopback_port()
     cmd = [sys.executable, "-m", "headwise.cli", "serve", "--store", str(store), "--port", str(port),
            "--api-key-file", str(key)]  # fmt: skip
     log = open(workdir / "server.log", "w")  # noqa: SIM115 - closed with the process, see stop_server

@@ -190,9 +190,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def _binary_array(request: Request, body: bytes) -> np.ndarray | None:
     """The body as an array when it is binary (.npy, or raw float32 with X-Shape), else None (JSON)."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    kind = _content_type(request)
     if kind == NPY:
         return read_npy(body)
     if kind == RAW:
@@ -263,7 +267,7 @@ def _scores_json(scores: np.ndarray) -> list[list[float | None]]:
 def _hits_response(request: Request, scores: np.ndarray, ids: np.ndarray) -> Response:
     """The binary search answer in the request's form: raw records with X-Shape, or one .npy."""
     hits = pack_hits(scores, ids)
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() == RAW:
+    if _content_type(request) == RAW:
         return Response(hits.tobytes(), media_type=RAW, headers={SHAPE_HEADER: f"{hits.shape[0]},{hits.shape[1]}"})
     return Response(npy_bytes(hits), media_type=NPY)  # one .npy: np.savez's zip costs more than a small search
 
